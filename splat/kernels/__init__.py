@@ -1,0 +1,17 @@
+"""Triton kernels and their launchers, one module per op. Importing this imports triton."""
+
+from splat.kernels.attention_sum import attention_sum_backward, attention_sum_forward
+from splat.kernels.channel_stats import channel_stats_backward, channel_stats_forward
+from splat.kernels.radix_pool import radix_pool_backward, radix_pool_forward
+from splat.kernels.radix_softmax import radix_softmax_backward, radix_softmax_forward
+
+__all__ = [
+    "attention_sum_backward",
+    "attention_sum_forward",
+    "channel_stats_backward",
+    "channel_stats_forward",
+    "radix_pool_backward",
+    "radix_pool_forward",
+    "radix_softmax_backward",
+    "radix_softmax_forward",
+]

@@ -1,0 +1,52 @@
+"""Tiling shared by the split-attention kernels.
+
+Every kernel works on tiles of ``[BLOCK_C, BLOCK_HW]`` elements of a dense 4-D tensor, addressed
+through ``(stride_b, stride_c, stride_hw)``, so one kernel serves NCHW (``stride_hw == 1``) and
+NHWC (``stride_c == 1``): Triton specialises unit strides at compile time and vectorises along
+whichever axis is contiguous. Only the tile shape differs per layout.
+"""
+
+import triton
+import triton.language as tl
+
+from splat import _layout
+
+# ~4K elements a tile keeps 16-32 elements in flight per thread at 4 warps.
+_TILE_ELEMS = 4096
+
+
+def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for ``y`` (B, *, H, W) with ``channels`` channels a program may cover.
+
+    ``reduce_hw``: the program loops over the whole H*W extent, so BLOCK_HW need not cover it.
+    """
+    hw = y.shape[2] * y.shape[3]
+    if _layout.hw_stride(y) == 1 and y.stride(1) != 1:
+        block_hw = min(triton.next_power_of_2(hw), 1024 if reduce_hw else 512)
+        block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMS // block_hw))
+    else:
+        block_c = min(triton.next_power_of_2(channels), 128)
+        block_hw = min(triton.next_power_of_2(hw), max(1, _TILE_ELEMS // block_c))
+    return block_c, block_hw
+
+
+def strides(t) -> tuple[int, int, int]:
+    """(stride_b, stride_c, stride_hw) of a dense 4-D tensor."""
+    return t.stride(0), t.stride(1), _layout.hw_stride(t)
+
+
+@triton.jit
+def tile_offsets(b, ch, hw, stride_b, stride_c, stride_hw):
+    """Element offsets of tile rows ``ch`` (channels) and columns ``hw`` in batch item ``b``.
+
+    64-bit, so tensors of more than 2**31 elements address correctly.
+    """
+    return b * stride_b + ch.to(tl.int64)[:, None] * stride_c + hw.to(tl.int64)[None, :] * stride_hw
+
+
+@triton.jit
+def bn_relu(v, scale, shift):
+    """relu(v * scale + shift) with per-row (channel) scale and shift, and its ``> 0`` mask."""
+    pre = v * scale[:, None] + shift[:, None]
+    pos = pre > 0
+    return tl.where(pos, pre, 0.0), pos

@@ -1,0 +1,113 @@
+"""Triton kernels for ``splat::attention_sum``: the attention-weighted sum over radix.
+
+Forward:  out[b, c, hw] = sum_r attn[b, r*C + c] * relu(y[b, r*C + c, hw] * scale + shift),
+recomputing BN + ReLU from the conv output instead of storing the activated tensor.
+Backward: dy = dout * attn * [pre > 0] * scale; dattn[b, ch] = sum_hw dout * relu(pre);
+dscale and dshift through per-batch partials (no atomics, so runs are bitwise repeatable).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from splat import _layout
+from splat.kernels._tiles import bn_relu, strides, tile_offsets, tile_shape
+
+
+@triton.jit
+def _attention_sum_forward_kernel(
+    y_ptr, scale_ptr, shift_ptr, attn_ptr, out_ptr,
+    C, HW, R, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=scale_ptr.dtype.element_ty)
+    for r in range(R):
+        ch = r * C + c
+        scale = tl.load(scale_ptr + ch, mask=c_mask)
+        shift = tl.load(shift_ptr + ch, mask=c_mask)
+        a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc.dtype)
+        offs = tile_offsets(b, ch, hw, stride_yb, stride_yc, stride_yhw)
+        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
+        act, _ = bn_relu(v, scale, shift)
+        acc += a[:, None] * act
+    out_offs = tile_offsets(b, c, hw, stride_ob, stride_oc, stride_ohw)
+    tl.store(out_ptr + out_offs, acc, mask=mask)
+
+
+@triton.jit
+def _attention_sum_backward_kernel(
+    dout_ptr, y_ptr, scale_ptr, shift_ptr, attn_ptr, dy_ptr, dscale_ptr, dshift_ptr, dattn_ptr,
+    C, HW, R, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    hw = tl.arange(0, BLOCK_HW)
+    acc_dtype = scale_ptr.dtype.element_ty
+    # r outer, hw inner: the dout slab of this program is re-read R times while it is hot in L2.
+    for r in range(R):
+        ch = r * C + c
+        scale = tl.load(scale_ptr + ch, mask=c_mask)
+        shift = tl.load(shift_ptr + ch, mask=c_mask)
+        a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc_dtype)
+        acc_scale = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+        acc_shift = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+        acc_attn = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+        for hw0 in range(0, HW, BLOCK_HW):
+            mask = c_mask[:, None] & (hw0 + hw < HW)[None, :]
+            offs = tile_offsets(b, ch, hw0 + hw, stride_yb, stride_yc, stride_yhw)
+            out_offs = tile_offsets(b, c, hw0 + hw, stride_ob, stride_oc, stride_ohw)
+            v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
+            d = tl.load(dout_ptr + out_offs, mask=mask, other=0.0).to(acc_dtype)
+            act, pos = bn_relu(v, scale, shift)
+            gm = tl.where(pos, d * a[:, None], 0.0)
+            tl.store(dy_ptr + offs, gm * scale[:, None], mask=mask)
+            acc_scale += gm * v
+            acc_shift += gm
+            acc_attn += d * act
+        tl.store(dscale_ptr + b * C * R + ch, tl.sum(acc_scale, axis=1), mask=c_mask)
+        tl.store(dshift_ptr + b * C * R + ch, tl.sum(acc_shift, axis=1), mask=c_mask)
+        tl.store(dattn_ptr + b * C * R + ch, tl.sum(acc_attn, axis=1), mask=c_mask)
+
+
+def attention_sum_forward(y, scale, shift, attn, radix):
+    """y (B, R*C, H, W), attn (B, R*C) radix-major -> out (B, C, H, W) in y's layout.
+
+    out's dtype is promote(y.dtype, attn.dtype), as the reference's multiply gives.
+    """
+    B, RC, H, W = y.shape
+    C = RC // radix
+    out = _layout.empty((B, C, H, W), y, dtype=torch.promote_types(y.dtype, attn.dtype))
+    if B == 0:
+        return out
+    block_c, block_hw = tile_shape(y, C, reduce_hw=False)
+    grid = (B, triton.cdiv(C, block_c), triton.cdiv(H * W, block_hw))
+    _attention_sum_forward_kernel[grid](
+        y, scale, shift, attn, out, C, H * W, radix, *strides(y), *strides(out),
+        BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return out
+
+
+def attention_sum_backward(dout, y, scale, shift, attn, radix):
+    """dout (B, C, H, W) in y's layout -> dy (like y), dscale, dshift (R*C,), dattn (like attn)."""
+    B, RC, H, W = y.shape
+    C = RC // radix
+    dy = _layout.empty(y.shape, y)
+    partial_scale = _layout.empty((B, RC), scale)
+    partial_shift = _layout.empty((B, RC), scale)
+    dattn = _layout.empty((B, RC), attn)
+    if B > 0:
+        block_c, block_hw = tile_shape(y, C, reduce_hw=True)
+        _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c))](
+            dout, y, scale, shift, attn, dy, partial_scale, partial_shift, dattn,
+            C, H * W, radix, *strides(y), *strides(dout),
+            BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return dy, partial_scale.sum(0), partial_shift.sum(0), dattn

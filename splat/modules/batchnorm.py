@@ -1,0 +1,77 @@
+"""BatchNorm folded into a per-channel affine map that the fused kernels apply on the fly."""
+
+import torch
+from torch import Tensor, nn
+
+from splat import _layout
+from splat.ops import channel_stats
+
+
+def check_batchnorm(norm: nn.Module, name: str) -> nn.BatchNorm2d:
+    """The kernels fold plain BatchNorm2d; other norms (SyncBatchNorm, GroupNorm, ...) are refused."""
+    if type(norm) is not nn.BatchNorm2d:
+        raise ValueError(f"{name}: only torch.nn.BatchNorm2d can be fused, got {type(norm).__name__}")
+    return norm
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or not bn.track_running_stats
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+    """What nn.BatchNorm2d does in training: momentum (or the cumulative average when it is
+    None) and the unbiased variance for running_var."""
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+    with torch.no_grad():
+        new_mean = bn.running_mean.to(mean.dtype) * (1 - factor) + mean * factor
+        new_var = bn.running_var.to(var.dtype) * (1 - factor) + var * (n / (n - 1)) * factor
+        bn.running_mean.copy_(new_mean)
+        bn.running_var.copy_(new_var)
+
+
+def batch_norm_scale_shift(y: Tensor, bns: list[nn.BatchNorm2d], backend: str) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each (C,) in y's accumulation dtype, with bn(y) == y * scale + shift.
+
+    y (B, C, H, W); ``bns`` cover y's channels in order (one BN for a SplAtConv2d, one per
+    branch for SK). Batch statistics come from ``splat::channel_stats``, so gradients reach y
+    through them; running statistics are updated as nn.BatchNorm2d updates them.
+    """
+    acc = _layout.acc_dtype(y.dtype)
+    n = y.shape[0] * y.shape[2] * y.shape[3]
+    batch_mean = batch_var = None
+    if any(_uses_batch_stats(bn) for bn in bns):
+        if n <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
+            )
+        batch_mean, batch_var = channel_stats(y, backend)
+    scales, shifts, start = [], [], 0
+    for bn in bns:
+        channels = slice(start, start + bn.num_features)
+        start += bn.num_features
+        if _uses_batch_stats(bn):
+            mean, var = batch_mean[channels], batch_var[channels]
+            if bn.training and bn.track_running_stats:
+                _update_running_stats(bn, mean.detach(), var.detach(), n)
+        else:
+            mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.to(acc)
+        shift = -mean * scale
+        if bn.affine:
+            shift = shift + bn.bias.to(acc)
+        scales.append(scale)
+        shifts.append(shift)
+    if start != y.shape[1]:
+        raise ValueError(f"the BatchNorms cover {start} channels but y has {y.shape[1]}")
+    if len(bns) == 1:
+        return scales[0], shifts[0]
+    return torch.cat(scales), torch.cat(shifts)
+
+
+def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:
+    """The (scale, shift) of no normalisation: ones and zeros in y's accumulation dtype."""
+    acc = _layout.acc_dtype(y.dtype)
+    return y.new_ones(y.shape[1], dtype=acc), y.new_zeros(y.shape[1], dtype=acc)

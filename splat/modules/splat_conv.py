@@ -1,0 +1,139 @@
+"""FusedSplAtConv2d: ResNeSt's split-attention conv with the tail after the conv fused."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from splat import backend as _backend
+from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_scale_shift
+from splat.ops import attention_sum, radix_pool, radix_softmax
+
+
+def split_attention(y: Tensor, scale: Tensor, shift: Tensor, mlp, radix: int, cardinality: int, backend: str) -> Tensor:
+    """The split-attention tail after the conv, shared by the ResNeSt and SK blocks.
+
+    y (B, R*C, H, W) radix-major conv output, (scale, shift) the folded BN of y, ``mlp`` maps the
+    pooled (B, C) to cardinal-major logits (B, R*C). Returns (B, C, H, W) in y's layout.
+    """
+    gap = radix_pool(y, scale, shift, radix, backend)
+    attn = radix_softmax(mlp(gap), radix, cardinality, backend)
+    return attention_sum(y, scale, shift, attn, radix, backend)
+
+
+def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
+    """Shared validation of a block's input x (B, in_channels, H, W) against its first weight."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"input has {x.shape[1]} channels, expected in_channels={in_channels}")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the module's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} does not match the module's parameter dtype {weight.dtype}")
+
+
+class FusedSplAtConv2d(nn.Module):
+    """Drop-in ``SplAtConv2d`` (same arguments, defaults and state_dict keys) with fused kernels.
+
+    Input (B, in_channels, H, W), NCHW or channels_last; output (B, channels, H', W') in the
+    input's memory format. ``backend``: "auto" (``$SPLAT_BACKEND`` if set, else the fastest for
+    the device), "triton", "cuda" or "torch" (pure PyTorch, runs anywhere).
+    """
+
+    def __init__(
+        self, in_channels, channels, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+        groups=1, bias=True, radix=2, reduction_factor=4, rectify=False, rectify_avg=False,
+        norm_layer=None, dropblock_prob=0.0, *, backend="auto", device=None, dtype=None,
+    ):
+        super().__init__()
+        if dropblock_prob > 0.0:
+            raise ValueError(
+                "dropblock_prob > 0 is not supported (the original module's DropBlock2D is a stub that raises)"
+            )
+        if not isinstance(radix, int) or radix < 1:
+            raise ValueError(f"radix must be a positive int, got {radix!r}")
+        if not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(f"groups={groups!r} must be a positive int dividing channels={channels}")
+        padding = _pair(padding)
+        factory = {"device": device, "dtype": dtype}
+        self.backend = _backend.check_name(backend)
+        self.rectify = rectify and (padding[0] > 0 or padding[1] > 0)
+        self.rectify_avg = rectify_avg
+        inter_channels = max(in_channels * radix // reduction_factor, 32)
+        self.radix = radix
+        self.cardinality = groups
+        self.channels = channels
+        self.dropblock_prob = dropblock_prob
+        self.conv = nn.Conv2d(
+            in_channels, channels * radix, kernel_size, stride, padding, dilation,
+            groups=groups * radix, bias=bias, **factory,
+        )
+        self.use_bn = norm_layer is not None
+        if self.use_bn:
+            self.bn0 = check_batchnorm(norm_layer(channels * radix, **factory), "norm_layer")
+        self.fc1 = nn.Conv2d(channels, inter_channels, 1, groups=groups, **factory)
+        if self.use_bn:
+            self.bn1 = norm_layer(inter_channels, **factory)
+        self.fc2 = nn.Conv2d(inter_channels, channels * radix, 1, groups=groups, **factory)
+
+    def extra_repr(self) -> str:
+        return f"radix={self.radix}, cardinality={self.cardinality}, backend={self.backend!r}"
+
+    def _rectify_ratio(self, x: Tensor, y: Tensor) -> Tensor:
+        """(1, 1, H', W') per-pixel factor of the rectified conv: taps/valid_taps, or 1/valid_taps."""
+        kh, kw = self.conv.kernel_size
+        ones = x.new_ones((1, 1) + x.shape[2:], dtype=y.dtype)
+        valid = F.conv2d(
+            ones, ones.new_ones((1, 1, kh, kw)), None, self.conv.stride, self.conv.padding, self.conv.dilation
+        )
+        return (1.0 if self.rectify_avg else float(kh * kw)) / valid
+
+    def _mlp(self, gap: Tensor) -> Tensor:
+        z = self.fc1(gap[:, :, None, None])
+        if self.use_bn:
+            z = self.bn1(z)
+        return self.fc2(torch.relu(z)).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.conv.weight, self.conv.in_channels)
+        y = self.conv(x)
+        if self.rectify:
+            y = y * self._rectify_ratio(x, y)
+        if y.shape[0] == 0:
+            return y[:, : self.channels]
+        backend = _backend.resolve(self.backend, y)
+        scale, shift = batch_norm_scale_shift(y, [self.bn0], backend) if self.use_bn else identity_scale_shift(y)
+        return split_attention(y, scale, shift, self._mlp, self.radix, self.cardinality, backend)
+
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":
+        """A FusedSplAtConv2d computing what ``m`` computes: the original ``SplAtConv2d`` or timm's
+        ``SplitAttn``. Weights and buffers are copied; device, dtypes and train/eval mode are kept."""
+        conv, radix = m.conv, m.radix
+        bn0 = getattr(m, "bn0", None)
+        use_bn = bn0 is not None and not isinstance(bn0, nn.Identity)
+        if getattr(m, "dropblock_prob", 0.0) > 0.0 or not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
+            raise ValueError(f"{type(m).__name__} uses DropBlock, which FusedSplAtConv2d does not support")
+        for act in ("act0", "act1"):
+            if hasattr(m, act) and type(getattr(m, act)) is not nn.ReLU:
+                raise ValueError(f"{type(m).__name__}.{act} is {type(getattr(m, act)).__name__}; only ReLU is fused")
+        fused = cls(
+            conv.in_channels, conv.out_channels // radix, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, groups=conv.groups // radix, bias=conv.bias is not None, radix=radix,
+            rectify=getattr(m, "rectify", False), rectify_avg=getattr(m, "rectify_avg", False),
+            norm_layer=nn.BatchNorm2d if use_bn else None, backend=backend,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        fused.conv.load_state_dict(conv.state_dict())
+        fused.fc1, fused.fc2 = copy.deepcopy(m.fc1), copy.deepcopy(m.fc2)
+        if use_bn:
+            fused.bn0 = check_batchnorm(copy.deepcopy(bn0), f"{type(m).__name__}.bn0")
+            fused.bn1 = copy.deepcopy(m.bn1)
+        return fused.train(m.training)

@@ -1,0 +1,12 @@
+"""The functional API: each op registered once as ``torch.ops.splat.<name>`` (and ``<name>_backward``).
+
+Every function takes a ``backend`` ("auto", "torch", "triton", "cuda"); "torch" is the
+pure-PyTorch implementation that runs anywhere and is the reference for the kernels.
+"""
+
+from splat.ops.attention_sum import attention_sum
+from splat.ops.channel_stats import channel_stats
+from splat.ops.radix_pool import radix_pool
+from splat.ops.radix_softmax import radix_softmax
+
+__all__ = ["attention_sum", "channel_stats", "radix_pool", "radix_softmax"]

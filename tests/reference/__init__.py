@@ -1,0 +1,9 @@
+"""Independent reference modules, written from ../shared/SEMANTICS.md with plain PyTorch ops.
+
+They share no code with splat: the fused modules are checked against them.
+"""
+
+from tests.reference.sk import SelectiveKernel, SKConv
+from tests.reference.splat import SplAtConv2d, SplitAttn
+
+__all__ = ["SKConv", "SelectiveKernel", "SplAtConv2d", "SplitAttn"]

@@ -1,0 +1,245 @@
+"""Each split-attention op against an independent PyTorch expression, on every backend that runs here.
+
+Gradients of the expected values come from autograd through the expression, never from the
+ops' own backward formulas.
+"""
+
+import pytest
+import torch
+
+from splat import ops
+from tests.helpers import DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+
+# (B, radix, cardinality, C, H, W): odd channels, 1x1 maps, radix 1, H*W beyond one tile
+# (tails in both layouts), more channels than one NHWC tile.
+CASES = [
+    pytest.param((2, 2, 1, 6, 5, 3), id="odd"),
+    pytest.param((3, 4, 2, 8, 1, 1), id="1x1"),
+    pytest.param((2, 1, 1, 5, 7, 7), id="radix1"),
+    pytest.param((1, 3, 3, 9, 33, 40), id="hw-tail"),
+    pytest.param((2, 2, 2, 136, 3, 3), id="c-tail"),
+]
+
+
+def expected_pool(y, scale, shift, radix):
+    B, RC, H, W = y.shape
+    act = torch.relu(y * scale[:, None, None] + shift[:, None, None])
+    return act.reshape(B, radix, RC // radix, H * W).sum(1).mean(-1)
+
+
+def expected_attention_sum(y, scale, shift, attn, radix):
+    B, RC, H, W = y.shape
+    act = torch.relu(y * scale[:, None, None] + shift[:, None, None]).reshape(B, radix, RC // radix, H, W)
+    return (act * attn.reshape(B, radix, RC // radix, 1, 1)).sum(1)
+
+
+def expected_softmax(logits, radix, cardinality):
+    B = logits.shape[0]
+    if radix == 1:
+        return torch.sigmoid(logits)
+    return logits.view(B, cardinality, radix, -1).transpose(1, 2).softmax(1).reshape(B, -1)
+
+
+def expected_stats(y):
+    return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+
+
+def bn_vectors(channels, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return rand(channels, dtype=acc).abs() + 0.5, rand(channels, dtype=acc) * 0.5
+
+
+def check_op(fn, expected_fn, inputs, dtype, name):
+    """fn(*inputs) vs expected_fn(*float64 copies), values and gradients w.r.t. every input."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    low = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    outs, exp_outs, low_outs = (
+        (o,) if isinstance(o, torch.Tensor) else o for o in (out, expected_fn(*exact), expected_fn(*low))
+    )
+    grads_out = [torch.randn_like(o) for o in exp_outs]
+    for i, (o, e, lo) in enumerate(zip(outs, exp_outs, low_outs)):
+        assert o.dtype == lo.dtype, f"{name} output {i}: dtype {o.dtype}, reference gives {lo.dtype}"
+        assert_close(o, e, dtype, lo, f"{name} output {i}")
+    grads = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
+    exp_grads = torch.autograd.grad(exp_outs, exact, grads_out)
+    low_grads = torch.autograd.grad(low_outs, low, [g.to(o.dtype) for g, o in zip(grads_out, low_outs)])
+    for i, (g, e, lo) in enumerate(zip(grads, exp_grads, low_grads)):
+        assert g.dtype == inputs[i].dtype
+        assert_close(g, e, dtype, lo, f"{name} grad of input {i}")
+    return outs
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_radix_pool(backend, dtype, layout, case):
+    B, R, K, C, H, W = case
+    y = rand(B, R * C, H, W, dtype=dtype, layout=layout)
+    scale, shift = bn_vectors(R * C, dtype)
+    fn = lambda y, s, t: ops.radix_pool(y, s, t, R, backend)  # noqa: E731
+    check_op(fn, lambda y, s, t: expected_pool(y, s, t, R), [y, scale, shift], dtype, "radix_pool")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_attention_sum(backend, dtype, layout, case):
+    B, R, K, C, H, W = case
+    y = rand(B, R * C, H, W, dtype=dtype, layout=layout)
+    scale, shift = bn_vectors(R * C, dtype)
+    attn = rand(B, R * C, dtype=dtype).sigmoid()
+    fn = lambda *a: ops.attention_sum(*a, R, backend)  # noqa: E731
+    (out,) = check_op(
+        fn, lambda *a: expected_attention_sum(*a, R), [y, scale, shift, attn], dtype, "attention_sum"
+    )
+    assert out.is_contiguous(memory_format=layout), "the output must keep the input's memory format"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_radix_softmax(backend, dtype, case):
+    B, R, K, C, _, _ = case
+    logits = rand(B, R * C, dtype=dtype, scale=3.0)
+    fn = lambda x: ops.radix_softmax(x, R, K, backend)  # noqa: E731
+    check_op(fn, lambda x: expected_softmax(x, R, K), [logits], dtype, "radix_softmax")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_channel_stats(backend, dtype, layout, case):
+    B, R, K, C, H, W = case
+    if B * H * W == 1:
+        pytest.skip("a single value per channel has no variance to test")
+    # A mean far from zero: a naive E[y^2] - E[y]^2 would lose every digit of the variance.
+    y = (rand(B, R * C, H, W, dtype=dtype, layout=layout) * 0.1 + 30).to(dtype)
+    mean, var = check_op(lambda y: ops.channel_stats(y, backend), expected_stats, [y], dtype, "channel_stats")
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == var.dtype == expected_dtype
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_attention_sum_promotes_mixed_dtypes(backend):
+    """Float32 weights on a lower-precision conv output give a float32 result, as the reference's multiply does."""
+    low = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    high = torch.float64 if DEVICE.type == "cpu" else torch.float32
+    y = rand(2, 8, 3, 3, dtype=low)
+    scale, shift = bn_vectors(8, low)
+    attn = rand(2, 8, dtype=high).sigmoid()
+    out = ops.attention_sum(y, scale, shift, attn, 2, backend)
+    expected = expected_attention_sum(y.double(), scale.double(), shift.double(), attn.double(), 2)
+    assert out.dtype == high
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("radix", [1, 2, 4])
+@pytest.mark.parametrize("backend", backend_params())
+def test_radix_softmax_extreme_logits(backend, radix):
+    logits = rand(2, radix * 8).sign() * 1e4
+    attn = ops.radix_softmax(logits, radix, 2, backend)
+    assert torch.isfinite(attn).all()
+    torch.testing.assert_close(attn, expected_softmax(logits, radix, 2))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_gradcheck(backend):
+    B, R, K, C, H, W = 2, 2, 2, 4, 3, 2
+    y = rand(B, R * C, H, W, requires_grad=True)
+    scale, shift = (t.requires_grad_() for t in bn_vectors(R * C, torch.float64))
+    attn = rand(B, R * C).sigmoid().requires_grad_()
+    logits = rand(B, R * C, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.radix_pool(*a, R, backend), (y, scale, shift))
+    assert torch.autograd.gradcheck(lambda *a: ops.attention_sum(*a, R, backend), (y, scale, shift, attn))
+    assert torch.autograd.gradcheck(lambda x: ops.radix_softmax(x, R, K, backend), (logits,))
+    assert torch.autograd.gradcheck(lambda x: ops.radix_softmax(x, 1, K, backend), (logits,))
+    assert torch.autograd.gradcheck(lambda x: ops.channel_stats(x, backend), (y,))
+
+
+def opcheck_cases(backend):
+    B, R, K, C, H, W = 2, 2, 2, 4, 3, 3
+    y = rand(B, R * C, H, W, requires_grad=True)
+    y_nhwc = rand(B, R * C, H, W, layout=torch.channels_last, requires_grad=True)
+    scale, shift = (t.requires_grad_() for t in bn_vectors(R * C, torch.float64))
+    attn = rand(B, R * C).sigmoid().requires_grad_()
+    splat = torch.ops.splat
+    saved = [t.detach() for t in (y, scale, shift, attn)]
+    return [
+        (splat.radix_pool, (y, scale, shift, R, backend)),
+        (splat.radix_pool, (y_nhwc, scale, shift, R, backend)),
+        (splat.radix_pool_backward, (rand(B, C), *saved[:3], R, backend)),
+        (splat.attention_sum, (y, scale, shift, attn, R, backend)),
+        (splat.attention_sum, (y_nhwc, scale, shift, attn, R, backend)),
+        (splat.attention_sum_backward, (rand(B, C, H, W), *saved, R, backend)),
+        (splat.radix_softmax, (rand(B, R * C, requires_grad=True), R, K, backend)),
+        (splat.radix_softmax, (rand(B, C, requires_grad=True), 1, K, backend)),
+        (splat.radix_softmax_backward, (rand(B, R * C), saved[3], R, K, backend)),
+        (splat.channel_stats, (y, backend)),
+        (splat.channel_stats, (y_nhwc, backend)),
+        (splat.channel_stats_backward, (rand(R * C), rand(R * C), saved[0], rand(R * C), backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck(backend):
+    """Schema, fake kernel, autograd registration and compile tracing of every op (the backward
+    ops are first-order only, so they get inputs that do not require grad)."""
+    for op, args in opcheck_cases(backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_deterministic(backend):
+    """Reductions go through fixed-order partials: two runs on the same input agree bitwise."""
+    y = rand(3, 16, 9, 9)
+    scale, shift = bn_vectors(16, torch.float64)
+    args = (rand(3, 8, 9, 9), y, scale, shift, rand(3, 16), 2, backend)
+    first = torch.ops.splat.attention_sum_backward(*args)
+    second = torch.ops.splat.attention_sum_backward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(ops.channel_stats(y, backend), ops.channel_stats(y, backend)))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_batch(backend):
+    y = rand(0, 8, 4, 4)
+    scale, shift = bn_vectors(8, torch.float64)
+    assert ops.radix_pool(y, scale, shift, 2, backend).shape == (0, 4)
+    assert ops.attention_sum(y, scale, shift, rand(0, 8), 2, backend).shape == (0, 4, 4, 4)
+    assert ops.radix_softmax(rand(0, 8), 2, 1, backend).shape == (0, 8)
+
+
+def test_bad_input():
+    y = rand(2, 8, 3, 3)
+    scale, shift = bn_vectors(8, torch.float64)
+    with pytest.raises(ValueError, match="y must be 4-D"):
+        ops.radix_pool(y[0], scale, shift, 2)
+    with pytest.raises(ValueError, match="radix=3 must divide"):
+        ops.radix_pool(y, scale, shift, 3)
+    with pytest.raises(TypeError, match="y must be a floating-point"):
+        ops.radix_pool(y.long(), scale, shift, 2)
+    with pytest.raises(TypeError, match="y must be a floating-point"):
+        ops.radix_pool(y.to(torch.complex128), scale, shift, 2)
+    with pytest.raises(ValueError, match="scale must have 8 elements"):
+        ops.radix_pool(y, scale[:4], shift, 2)
+    with pytest.raises(TypeError, match="scale must be torch.float64"):
+        ops.radix_pool(y, scale.float(), shift, 2)
+    with pytest.raises(ValueError, match=r"attn must have shape \(2, 8\)"):
+        ops.attention_sum(y, scale, shift, rand(2, 4), 2)
+    with pytest.raises(ValueError, match="cardinality=3 must divide"):
+        ops.radix_softmax(rand(2, 8), 2, 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.radix_pool(y, scale, shift, 2, backend="fast")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU-only error")
+def test_cuda_backend_on_cpu_raises():
+    y = rand(2, 8, 3, 3)
+    scale, shift = bn_vectors(8, torch.float64)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        ops.radix_pool(y, scale, shift, 2, backend="cuda")
