@@ -46,7 +46,10 @@ def tile_offsets(b, ch, hw, stride_b, stride_c, stride_hw):
 
 @triton.jit
 def bn_relu(v, scale, shift):
-    """relu(v * scale + shift) with per-row (channel) scale and shift, and its ``> 0`` mask."""
+    """relu(v * scale + shift) with per-row (channel) scale and shift, and its ``> 0`` mask.
+
+    NaN passes through the ReLU as in torch.relu (``pre <= 0`` is false for NaN), while the
+    gradient mask is ``pre > 0`` as in torch's ReLU backward.
+    """
     pre = v * scale[:, None] + shift[:, None]
-    pos = pre > 0
-    return tl.where(pos, pre, 0.0), pos
+    return tl.where(pre <= 0, 0.0, pre), pre > 0

@@ -62,7 +62,8 @@ class FusedSplAtConv2d(nn.Module):
         if not isinstance(groups, int) or groups < 1 or channels % groups:
             raise ValueError(f"groups={groups!r} must be a positive int dividing channels={channels}")
         padding = _pair(padding)
-        factory = {"device": device, "dtype": dtype}
+        # Only when given: user norm_layer callables often take just the channel count.
+        factory = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.backend = _backend.check_name(backend)
         self.rectify = rectify and (padding[0] > 0 or padding[1] > 0)
         self.rectify_avg = rectify_avg

@@ -1,0 +1,296 @@
+"""FusedSplAtConv2d against the independent reference SplAtConv2d / SplitAttn of tests/reference."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import splat
+from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.reference import SplAtConv2d, SplitAttn
+
+BN = nn.BatchNorm2d
+
+# Every argument of the original, and the shapes of the published models (resnest50d: radix 2,
+# BN, no bias; 4s2x40d: radix 4 cardinality 2; 1s4x24d: radix 1 cardinality 4).
+CONFIGS = {
+    "resnest": dict(in_channels=16, channels=8, kernel_size=3, padding=1, bias=False, radix=2, norm_layer=BN),
+    "defaults": dict(in_channels=12, channels=6, kernel_size=3),
+    "4s2x": dict(in_channels=16, channels=8, kernel_size=3, padding=2, dilation=2, groups=2, radix=4,
+                 bias=False, norm_layer=BN),
+    "1s4x": dict(in_channels=8, channels=8, kernel_size=3, padding=1, groups=4, radix=1, norm_layer=BN),
+    "radix8": dict(in_channels=16, channels=4, kernel_size=1, radix=8, reduction_factor=2, norm_layer=BN),
+    "stride2-bias": dict(in_channels=12, channels=6, kernel_size=3, stride=2, padding=1, groups=2, radix=2),
+    "asym": dict(in_channels=6, channels=6, kernel_size=(1, 3), padding=(0, 1), radix=3, norm_layer=BN),
+    "rectify": dict(in_channels=8, channels=4, kernel_size=3, padding=1, rectify=True, norm_layer=BN),
+    "rectify-avg": dict(in_channels=8, channels=4, kernel_size=3, stride=2, padding=1, rectify=True,
+                        rectify_avg=True),
+}
+
+
+def randomize_bn(module):
+    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def make_pair(config, backend, dtype=torch.float64):
+    ref = randomize_bn(SplAtConv2d(**config)).to(DEVICE, dtype)
+    fused = splat.FusedSplAtConv2d(**config, backend=backend).to(DEVICE, dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def run(module, x):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    # By logical shape: randn_like would fill a channels_last output in memory order.
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
+    grad_out = grad_out.to(out.dtype)
+    out.backward(grad_out)
+    return out, x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}
+
+
+def compare(ref, fused, x, dtype, ref_low=None):
+    out, dx, grads = run(fused, x)
+    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
+    exp_out, exp_dx, exp_grads = run(ref64, x.double())
+    low = run(ref_low, x) if ref_low is not None else (None, None, {})
+    assert out.dtype == exp_out.to(dtype).dtype
+    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
+    assert_close(out, exp_out, dtype, low[0], "output")
+    assert_close(dx, exp_dx, dtype, low[1], "input grad")
+    for name, g in grads.items():
+        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
+    for (name, b), (_, b_ref) in zip(fused.named_buffers(), ref64.named_buffers()):
+        assert_close(b.to(b_ref.dtype), b_ref, dtype, b_ref, f"buffer {name}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("backend", backend_params())
+def test_matches_reference_float64(backend, name, layout, train):
+    ref, fused = make_pair(CONFIGS[name], backend)
+    ref.train(train)
+    fused.train(train)
+    x = rand(2, CONFIGS[name]["in_channels"], 7, 6, layout=layout)
+    compare(ref, fused, x, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["resnest", "4s2x", "1s4x"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_matches_reference_low_precision(backend, name, layout, dtype):
+    ref, fused = make_pair(CONFIGS[name], backend, dtype)
+    ref_low = copy.deepcopy(ref)
+    x = rand(4, CONFIGS[name]["in_channels"], 9, 9, dtype=dtype, layout=layout)
+    compare(ref, fused, x, dtype, ref_low)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_training_steps_update_running_stats(backend):
+    """Several steps, momentum None (cumulative average) and BN without affine or tracking."""
+    for bn in (
+        lambda c: nn.BatchNorm2d(c, momentum=None),
+        lambda c: nn.BatchNorm2d(c, affine=False),
+        lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+    ):
+        config = dict(CONFIGS["resnest"], norm_layer=bn)
+        ref, fused = make_pair(config, backend)
+        for _ in range(3):
+            x = rand(2, 16, 5, 5)
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+        for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_from_module(backend):
+    originals = [
+        SplAtConv2d(**CONFIGS["4s2x"]),
+        SplAtConv2d(**CONFIGS["rectify"]),
+        SplitAttn(16, 8, radix=2, norm_layer=BN),
+        SplitAttn(16, 8, groups=2, radix=4, rd_channels=16, norm_layer=BN, stride=2),
+        SplitAttn(8, radix=1, groups=4, bias=True),
+    ]
+    for m in originals:
+        m = randomize_bn(m).to(DEVICE, torch.float64).train(False)
+        fused = splat.FusedSplAtConv2d.from_module(m, backend=backend)
+        assert not fused.training
+        assert fused.state_dict().keys() == m.state_dict().keys()
+        x = rand(2, m.conv.in_channels, 6, 6)
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-10, atol=1e-10)
+        assert fused.conv.weight.data_ptr() != m.conv.weight.data_ptr(), "weights are copied, not shared"
+
+
+def test_from_module_rejects_unsupported():
+    with pytest.raises(ValueError, match="act0 is SiLU"):
+        splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, act_layer=nn.SiLU))
+    with pytest.raises(ValueError, match="DropBlock"):
+        splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, drop_layer=lambda: nn.Dropout()))
+    with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
+        splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, norm_layer=nn.SyncBatchNorm))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_dict_keys_match_original(name):
+    ref = SplAtConv2d(**CONFIGS[name])
+    fused = splat.FusedSplAtConv2d(**CONFIGS[name])
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_pickle_and_state_dict_round_trip():
+    fused = randomize_bn(splat.FusedSplAtConv2d(**CONFIGS["resnest"], backend="torch")).double().eval()
+    x = rand(2, 16, 5, 5)
+    clone = pickle.loads(pickle.dumps(fused))
+    torch.testing.assert_close(clone(x), fused(x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = splat.FusedSplAtConv2d(**CONFIGS["resnest"], backend="torch").double().eval()
+    fresh.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(fresh(x), fused(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_compile_fullgraph(backend):
+    ref, fused = make_pair(CONFIGS["resnest"], backend)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    for step in range(2):
+        x = rand(2, 16, 6, 6, layout=LAYOUTS[step])
+        out, dx, grads = run(compiled, x)
+        exp_out, exp_dx, exp_grads = run(eager, x)
+        torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, exp_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast_output_dtype(train):
+    """Under autocast the fused module returns the dtype (and about the values) the reference returns."""
+    device = DEVICE.type
+    low = torch.bfloat16
+    ref, fused = make_pair(CONFIGS["resnest"], "auto", torch.float32)
+    ref.train(train)
+    fused.train(train)
+    x = rand(2, 16, 6, 6, dtype=torch.float32)
+    with torch.autocast(device, dtype=low):
+        out, exp = fused(x), ref(x)
+    assert out.dtype == exp.dtype
+    torch.testing.assert_close(out.float(), exp.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_empty_batch():
+    fused = splat.FusedSplAtConv2d(**CONFIGS["resnest"]).to(DEVICE)
+    out = fused(rand(0, 16, 7, 7, dtype=torch.float32))
+    assert out.shape == (0, 8, 7, 7)
+    assert int(fused.bn0.num_batches_tracked) == 0
+
+
+def test_bad_input():
+    fused = splat.FusedSplAtConv2d(**CONFIGS["resnest"]).to(DEVICE)
+    x = rand(2, 16, 5, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        fused(x[0])
+    with pytest.raises(ValueError, match="input has 8 channels, expected in_channels=16"):
+        fused(x[:, :8])
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        fused(x.long())
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        fused(x.double())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x[:1, :, :1, :1])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        splat.FusedSplAtConv2d(16, 8, 3, backend="fastest")
+    with pytest.raises(ValueError, match="dropblock_prob"):
+        splat.FusedSplAtConv2d(16, 8, 3, dropblock_prob=0.1)
+    with pytest.raises(ValueError, match="groups=3"):
+        splat.FusedSplAtConv2d(16, 8, 3, groups=3)
+    with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
+        splat.FusedSplAtConv2d(16, 8, 3, norm_layer=lambda c: nn.GroupNorm(2, c))
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    fused = splat.FusedSplAtConv2d(**CONFIGS["resnest"])
+    with pytest.raises(ValueError, match="input is on cuda"):
+        fused(rand(2, 16, 5, 5, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_input(backend):
+    ref, fused = make_pair(CONFIGS["resnest"], backend)
+    x = rand(2, 32, 7, 9)[:, ::2, 1:, ::2]
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_propagates(backend):
+    ref, fused = make_pair(CONFIGS["defaults"], backend)
+    x = rand(2, 12, 5, 5)
+    x[0, 0, 2, 2] = float("nan")
+    out, exp = fused(x), ref(x)
+    torch.testing.assert_close(out.isnan(), exp.isnan())
+    assert not out[1].isnan().any()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_env_var_overrides_auto(backend, monkeypatch):
+    monkeypatch.setenv("SPLAT_BACKEND", backend)
+    assert splat.backend.resolve("auto", rand(1)) == backend
+    monkeypatch.setenv("SPLAT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        splat.backend.resolve("auto", rand(1))
+
+
+@st.composite
+def splat_configs(draw):
+    radix = draw(st.integers(1, 4))
+    groups = draw(st.sampled_from([1, 2, 4]))  # fc1's width (>= 32) must divide by groups
+    channels = groups * draw(st.integers(1, 3))
+    in_channels = groups * radix * draw(st.integers(1, 2))
+    kernel = draw(st.sampled_from([1, 3]))
+    config = dict(
+        in_channels=in_channels, channels=channels, kernel_size=kernel, radix=radix, groups=groups,
+        stride=draw(st.sampled_from([1, 2])), padding=kernel // 2, bias=draw(st.booleans()),
+        norm_layer=draw(st.sampled_from([None, BN])),
+    )
+    shape = (draw(st.integers(1, 3)), in_channels, draw(st.integers(2, 6)), draw(st.integers(1, 6)))
+    return config, shape, draw(st.sampled_from(LAYOUTS)), draw(st.booleans())
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=splat_configs())
+def test_property_random_configs(backend, case):
+    config, shape, layout, train = case
+    ref, fused = make_pair(config, backend)
+    ref.train(train)
+    fused.train(train)
+    if train and config["norm_layer"] and shape[0] == 1:
+        return  # bn1 sees one 1x1 sample per channel: the reference raises too
+    compare(ref, fused, rand(*shape, layout=layout), torch.float64)
+
+
+def test_backends_report():
+    report = splat.backends()
+    assert report["torch"] == (True, "")
+    for name, (ok, why) in report.items():
+        assert ok or why, f"{name} is unavailable without a reason"
+    assert set(BACKENDS) <= set(report)
