@@ -1,0 +1,103 @@
+"""Edge cases of the split-attention path: extreme values, huge tensors, CUDA graphs, determinism."""
+
+import pytest
+import torch
+
+import splat
+from splat import ops
+from tests.helpers import DEVICE, backend_params, rand
+from tests.reference import SplAtConv2d
+from tests.test_ops import expected_attention_sum, expected_pool
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if splat.backends()[b][0]]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float16_near_top_of_range(backend):
+    """Values near 65504: the sums over radix and H*W exceed float16, the float32 accumulators don't,
+    and results that fit in float16 come out right."""
+    y = (rand(2, 8, 5, 5).abs() * 1e4 + 5e4).clamp(max=65000).half()
+    scale = torch.full((8,), 0.5, device=DEVICE)
+    shift = torch.zeros(8, device=DEVICE)
+    attn = torch.full((2, 8), 0.5, device=DEVICE, dtype=torch.float16)
+    exact = [t.double() for t in (y, scale, shift)]
+    gap = ops.radix_pool(y, scale, shift, 2, backend)
+    torch.testing.assert_close(gap.double(), expected_pool(*exact, 2), rtol=1e-3, atol=0)
+    out = ops.attention_sum(y, scale * 2, shift, attn, 2, backend)
+    expected = expected_attention_sum(exact[0], exact[1] * 2, exact[2], attn.double(), 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements(backend):
+    """64-bit addressing: a bf16 conv output of 2**31 + 2**20 elements; checked on its last batch item."""
+    B, R, C, H, W = 2, 2, 64, 4097, 2049  # 2 * 128 * 4097 * 2049 > 2**31
+    y = torch.randn(B, R * C, H, W, device="cuda", dtype=torch.bfloat16)
+    assert y.numel() > 2**31
+    scale = torch.rand(R * C, device="cuda") + 0.5
+    shift = torch.randn(R * C, device="cuda")
+    attn = torch.rand(B, R * C, device="cuda")
+    gap = ops.radix_pool(y, scale, shift, R, backend)
+    out = ops.attention_sum(y, scale, shift, attn, R, backend)
+    last = y[-1:].float()
+    torch.testing.assert_close(gap[-1:].float(), expected_pool(last, scale, shift, R), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        out[-1:, :, -8:].float(), expected_attention_sum(last[:, :, -8:], scale, shift, attn[-1:], R), rtol=2e-2, atol=2e-2
+    )
+
+
+def _block(backend):
+    ref = SplAtConv2d(64, 32, 3, padding=1, bias=False, radix=2, norm_layer=torch.nn.BatchNorm2d).cuda()
+    return ref, splat.FusedSplAtConv2d.from_module(ref, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
+    """Forward and backward captured once, replayed on new input: same result as the reference.
+    Eval mode, so replays leave the BN statistics alone and the reference sees the same state."""
+    ref, fused = _block(backend)
+    ref.eval()
+    fused.eval()
+    x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile and allocate outside the capture
+            fused(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        out = fused(x)
+        out.sum().backward()
+    x_new = torch.randn_like(x)
+    with torch.no_grad():
+        x.copy_(x_new)
+    graph.replay()
+    torch.cuda.synchronize()
+    x_ref = x_new.clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bitwise_deterministic_on_gpu(backend, dtype):
+    _, fused = _block(backend)
+    fused = fused.to(dtype)
+    x = torch.randn(16, 64, 28, 28, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+
+    def step():
+        fused.zero_grad(set_to_none=True)
+        xr = x.detach().requires_grad_()
+        out = fused(xr)
+        out.backward(torch.ones_like(out))
+        return [out, xr.grad] + [p.grad for p in fused.parameters()]
+
+    first, second = step(), step()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
