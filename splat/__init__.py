@@ -2,7 +2,16 @@
 
 from splat import ops
 from splat.backend import backends
-from splat.modules import FusedSplAtConv2d
+from splat.convert import ConversionReport, convert
+from splat.modules import FusedSelectiveKernel, FusedSKConv, FusedSplAtConv2d
 
 __version__ = "0.1.0"
-__all__ = ["FusedSplAtConv2d", "backends", "ops"]
+__all__ = [
+    "ConversionReport",
+    "FusedSKConv",
+    "FusedSelectiveKernel",
+    "FusedSplAtConv2d",
+    "backends",
+    "convert",
+    "ops",
+]

@@ -4,6 +4,7 @@ Forward:  out[b, c, hw] = sum_r attn[b, r*C + c] * relu(y[b, r*C + c, hw] * scal
 recomputing BN + ReLU from the conv output instead of storing the activated tensor.
 Backward: dy = dout * attn * [pre > 0] * scale; dattn[b, ch] = sum_hw dout * relu(pre);
 dscale and dshift through per-batch partials (no atomics, so runs are bitwise repeatable).
+With ``groups`` K > 1, y's and attn's channel (r, c = k*C/K + j) is k*R*C/K + r*C/K + j.
 """
 
 import torch
@@ -17,17 +18,19 @@ from splat.kernels._tiles import bn_relu, strides, tile_offsets, tile_shape
 @triton.jit
 def _attention_sum_forward_kernel(
     y_ptr, scale_ptr, shift_ptr, attn_ptr, out_ptr,
-    C, HW, R, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
+    k = c // CG
+    c0 = k * (R * CG) + (c - k * CG)
     mask = c_mask[:, None] & (hw < HW)[None, :]
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=scale_ptr.dtype.element_ty)
     for r in range(R):
-        ch = r * C + c
+        ch = c0 + r * CG
         scale = tl.load(scale_ptr + ch, mask=c_mask)
         shift = tl.load(shift_ptr + ch, mask=c_mask)
         a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc.dtype)
@@ -42,17 +45,19 @@ def _attention_sum_forward_kernel(
 @triton.jit
 def _attention_sum_backward_kernel(
     dout_ptr, y_ptr, scale_ptr, shift_ptr, attn_ptr, dy_ptr, dscale_ptr, dshift_ptr, dattn_ptr,
-    C, HW, R, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    k = c // CG
+    c0 = k * (R * CG) + (c - k * CG)
     hw = tl.arange(0, BLOCK_HW)
     acc_dtype = scale_ptr.dtype.element_ty
     # r outer, hw inner: the dout slab of this program is re-read R times while it is hot in L2.
     for r in range(R):
-        ch = r * C + c
+        ch = c0 + r * CG
         scale = tl.load(scale_ptr + ch, mask=c_mask)
         shift = tl.load(shift_ptr + ch, mask=c_mask)
         a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc_dtype)
@@ -76,10 +81,11 @@ def _attention_sum_backward_kernel(
         tl.store(dattn_ptr + b * C * R + ch, tl.sum(acc_attn, axis=1), mask=c_mask)
 
 
-def attention_sum_forward(y, scale, shift, attn, radix):
+def attention_sum_forward(y, scale, shift, attn, radix, groups=1):
     """y (B, R*C, H, W), attn (B, R*C) radix-major -> out (B, C, H, W) in y's layout.
 
-    out's dtype is promote(y.dtype, attn.dtype), as the reference's multiply gives.
+    out's dtype is promote(y.dtype, attn.dtype), as the reference's multiply gives. ``groups``:
+    y's (and attn's) channels are ordered (k, r, j), k < groups (1: radix-major).
     """
     B, RC, H, W = y.shape
     C = RC // radix
@@ -89,13 +95,13 @@ def attention_sum_forward(y, scale, shift, attn, radix):
     block_c, block_hw = tile_shape(y, C, reduce_hw=False)
     grid = (B, triton.cdiv(C, block_c), triton.cdiv(H * W, block_hw))
     _attention_sum_forward_kernel[grid](
-        y, scale, shift, attn, out, C, H * W, radix, *strides(y), *strides(out),
+        y, scale, shift, attn, out, C, H * W, radix, C // groups, *strides(y), *strides(out),
         BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return out
 
 
-def attention_sum_backward(dout, y, scale, shift, attn, radix):
+def attention_sum_backward(dout, y, scale, shift, attn, radix, groups=1):
     """dout (B, C, H, W) in y's layout -> dy (like y), dscale, dshift (R*C,), dattn (like attn)."""
     B, RC, H, W = y.shape
     C = RC // radix
@@ -107,7 +113,7 @@ def attention_sum_backward(dout, y, scale, shift, attn, radix):
         block_c, block_hw = tile_shape(y, C, reduce_hw=True)
         _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c))](
             dout, y, scale, shift, attn, dy, partial_scale, partial_shift, dattn,
-            C, H * W, radix, *strides(y), *strides(dout),
+            C, H * W, radix, C // groups, *strides(y), *strides(dout),
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return dy, partial_scale.sum(0), partial_shift.sum(0), dattn

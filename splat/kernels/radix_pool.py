@@ -1,6 +1,7 @@
 """Triton kernels for ``splat::radix_pool``: BN affine + ReLU + sum over radix + global average pool.
 
 Forward:  gap[b, c] = 1/HW * sum_r sum_hw relu(y[b, r*C + c, hw] * scale[r*C + c] + shift[r*C + c])
+(radix-major y; with ``groups`` K > 1 channel (r, c = k*C/K + j) of y is k*R*C/K + r*C/K + j.)
 Backward: dy = g * [pre > 0] * scale with g = dgap[b, c] / HW; dscale and dshift reduce over
 (b, hw) through per-batch partials, so the result does not depend on scheduling.
 """
@@ -15,16 +16,18 @@ from splat.kernels._tiles import bn_relu, strides, tile_offsets, tile_shape
 @triton.jit
 def _radix_pool_forward_kernel(
     y_ptr, scale_ptr, shift_ptr, gap_ptr,
-    C, HW, R, stride_yb, stride_yc, stride_yhw, inv_hw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, inv_hw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    k = c // CG
+    c0 = k * (R * CG) + (c - k * CG)
     hw = tl.arange(0, BLOCK_HW)
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=scale_ptr.dtype.element_ty)
     for r in range(R):
-        ch = r * C + c
+        ch = c0 + r * CG
         scale = tl.load(scale_ptr + ch, mask=c_mask)
         shift = tl.load(shift_ptr + ch, mask=c_mask)
         for hw0 in range(0, HW, BLOCK_HW):
@@ -40,17 +43,19 @@ def _radix_pool_forward_kernel(
 @triton.jit
 def _radix_pool_backward_kernel(
     dgap_ptr, y_ptr, scale_ptr, shift_ptr, dy_ptr, dscale_ptr, dshift_ptr,
-    C, HW, R, stride_yb, stride_yc, stride_yhw, inv_hw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, inv_hw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    k = c // CG
+    c0 = k * (R * CG) + (c - k * CG)
     hw = tl.arange(0, BLOCK_HW)
     acc_dtype = scale_ptr.dtype.element_ty
     g = tl.load(dgap_ptr + b * C + c, mask=c_mask, other=0.0).to(acc_dtype) * inv_hw
     for r in range(R):
-        ch = r * C + c
+        ch = c0 + r * CG
         scale = tl.load(scale_ptr + ch, mask=c_mask)
         shift = tl.load(shift_ptr + ch, mask=c_mask)
         acc_scale = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
@@ -68,8 +73,11 @@ def _radix_pool_backward_kernel(
         tl.store(dshift_ptr + b * C * R + ch, tl.sum(acc_shift, axis=1), mask=c_mask)
 
 
-def radix_pool_forward(y, scale, shift, radix):
-    """y (B, R*C, H, W) dense NCHW/NHWC; scale, shift (R*C,) acc dtype -> gap (B, C) in y.dtype."""
+def radix_pool_forward(y, scale, shift, radix, groups=1):
+    """y (B, R*C, H, W) dense NCHW/NHWC; scale, shift (R*C,) acc dtype -> gap (B, C) in y.dtype.
+
+    ``groups``: y's channels are ordered (k, r, j), k < groups (1: radix-major).
+    """
     B, RC, H, W = y.shape
     C = RC // radix
     gap = _layout.empty((B, C), y)
@@ -77,13 +85,13 @@ def radix_pool_forward(y, scale, shift, radix):
         return gap
     block_c, block_hw = tile_shape(y, C, reduce_hw=True)
     _radix_pool_forward_kernel[(B, triton.cdiv(C, block_c))](
-        y, scale, shift, gap, C, H * W, radix, *strides(y), 1.0 / (H * W),
+        y, scale, shift, gap, C, H * W, radix, C // groups, *strides(y), 1.0 / (H * W),
         BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return gap
 
 
-def radix_pool_backward(dgap, y, scale, shift, radix):
+def radix_pool_backward(dgap, y, scale, shift, radix, groups=1):
     """dgap (B, C) -> dy (like y), dscale (R*C,), dshift (R*C,) in scale's dtype."""
     B, RC, H, W = y.shape
     C = RC // radix
@@ -94,7 +102,7 @@ def radix_pool_backward(dgap, y, scale, shift, radix):
         block_c, block_hw = tile_shape(y, C, reduce_hw=True)
         _radix_pool_backward_kernel[(B, triton.cdiv(C, block_c))](
             dgap, y, scale, shift, dy, partial_scale, partial_shift,
-            C, H * W, radix, *strides(y), 1.0 / (H * W),
+            C, H * W, radix, C // groups, *strides(y), 1.0 / (H * W),
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return dy, partial_scale.sum(0), partial_shift.sum(0)

@@ -30,12 +30,18 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int)
         bn.running_var.copy_(new_var)
 
 
-def batch_norm_scale_shift(y: Tensor, bns: list[nn.BatchNorm2d], backend: str) -> tuple[Tensor, Tensor]:
+def batch_norm_scale_shift(
+    y: Tensor, bns: list[nn.BatchNorm2d], backend: str, order: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(scale, shift), each (C,) in y's accumulation dtype, with bn(y) == y * scale + shift.
 
     y (B, C, H, W); ``bns`` cover y's channels in order (one BN for a SplAtConv2d, one per
     branch for SK). Batch statistics come from ``splat::channel_stats``, so gradients reach y
     through them; running statistics are updated as nn.BatchNorm2d updates them.
+
+    ``order`` (optional, (C,) int64 on y's device): y's channel q holds channel ``order[q]`` of
+    the concatenated BNs (one grouped conv that interleaves SK's branches); scale and shift are
+    then returned in y's channel order.
     """
     acc = _layout.acc_dtype(y.dtype)
     n = y.shape[0] * y.shape[2] * y.shape[3]
@@ -46,6 +52,9 @@ def batch_norm_scale_shift(y: Tensor, bns: list[nn.BatchNorm2d], backend: str) -
                 f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
             )
         batch_mean, batch_var = channel_stats(y, backend)
+        if order is not None:
+            inverse = torch.argsort(order)
+            batch_mean, batch_var = batch_mean[inverse], batch_var[inverse]
     scales, shifts, start = [], [], 0
     for bn in bns:
         channels = slice(start, start + bn.num_features)
@@ -66,9 +75,10 @@ def batch_norm_scale_shift(y: Tensor, bns: list[nn.BatchNorm2d], backend: str) -
         shifts.append(shift)
     if start != y.shape[1]:
         raise ValueError(f"the BatchNorms cover {start} channels but y has {y.shape[1]}")
-    if len(bns) == 1:
-        return scales[0], shifts[0]
-    return torch.cat(scales), torch.cat(shifts)
+    scale, shift = (scales[0], shifts[0]) if len(bns) == 1 else (torch.cat(scales), torch.cat(shifts))
+    if order is not None:
+        return scale[order], shift[order]
+    return scale, shift
 
 
 def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:

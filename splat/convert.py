@@ -1,0 +1,166 @@
+"""``splat.convert``: swap the split-attention / selective-kernel / Res2Net blocks of a model for
+their fused equivalents, in place.
+
+Modules are recognised by class name *and* attributes, wherever the class was defined (users
+keep their own copies of these files):
+
+=================  =====================================  ==========================
+class name         attributes                             replaced by
+=================  =====================================  ==========================
+``SplAtConv2d``    conv, fc1, fc2, radix                  ``FusedSplAtConv2d``
+``SplitAttn``      conv, fc1, fc2, radix (timm)           ``FusedSplAtConv2d``
+``SKConv``         convs, fc, fcs                         ``FusedSKConv``
+``SelectiveKernel`` paths, attn (timm)                    ``FusedSelectiveKernel``
+``Bottle2neck``    conv1, conv3, convs, bns               ``FusedBottle2neck``
+=================  =====================================  ==========================
+
+Anything else is left alone, and so is a recognised module whose configuration the fused
+kernels do not cover (DropBlock, a non-ReLU activation, SyncBatchNorm, ...): its ``from_module``
+raises ValueError, and the module is reported as skipped with that reason.
+
+What was done is returned in ``model.splat_conversion`` (a :class:`ConversionReport`) and logged
+at INFO level on the ``"splat"`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
+
+Convert *before* wrapping the model in DistributedDataParallel or ``torch.compile`` and before
+creating the optimizer: the fused modules hold new parameter tensors (same values, same names).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from splat import backend as _backend
+
+logger = logging.getLogger("splat")
+
+__all__ = ["ConversionReport", "convert"]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did. ``converted``: original class name -> count;
+    ``skipped``: (qualified module name, class name, reason) of recognised but unsupported modules."""
+
+    converted: Counter = field(default_factory=Counter)
+    skipped: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        done = ", ".join(f"{n} x{c}" for n, c in sorted(self.converted.items())) or "nothing"
+        text = f"splat.convert: replaced {done}"
+        if self.skipped:
+            text += f"; left {len(self.skipped)} unchanged: " + "; ".join(
+                f"{name or '<model>'} ({cls}): {why}" for name, cls, why in self.skipped
+            )
+        return text
+
+
+def _fused_splat():
+    from splat.modules.splat_conv import FusedSplAtConv2d
+
+    return FusedSplAtConv2d
+
+
+def _fused_sk():
+    from splat.modules.sk_conv import FusedSKConv
+
+    return FusedSKConv
+
+
+def _fused_res2net():
+    import splat
+
+    fused = getattr(splat, "FusedBottle2neck", None)
+    if fused is None:
+        try:
+            fused = getattr(importlib.import_module("splat.modules.res2net"), "FusedBottle2neck", None)
+        except ImportError:
+            fused = None
+    return fused
+
+
+# class name -> (required attributes, lazy getter of the fused class)
+_RULES = {
+    "SplAtConv2d": (("conv", "fc1", "fc2", "radix"), _fused_splat),
+    "SplitAttn": (("conv", "fc1", "fc2", "radix"), _fused_splat),
+    "SKConv": (("convs", "fc", "fcs"), _fused_sk),
+    "SelectiveKernel": (("paths", "attn"), _fused_sk),
+    "Bottle2neck": (("conv1", "conv3", "convs", "bns"), _fused_res2net),
+}
+
+
+def _recognise(module: nn.Module):
+    rule = _RULES.get(type(module).__name__)
+    if rule is None or not all(hasattr(module, attr) for attr in rule[0]):
+        return None
+    return rule[1]
+
+
+def _is_channels_last(module: nn.Module) -> bool:
+    return any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+        for p in module.parameters()
+    )
+
+
+def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionReport):
+    """The fused replacement of ``module``, None if it is not recognised or not supported."""
+    get_fused = _recognise(module)
+    if get_fused is None:
+        return None
+    cls_name = type(module).__name__
+    fused_cls = get_fused()
+    if fused_cls is None or not hasattr(fused_cls, "from_module"):
+        report.skipped.append((qualname, cls_name, "no fused implementation is available in this splat build"))
+        return None
+    try:
+        fused = fused_cls.from_module(module, backend=backend)
+    except ValueError as err:
+        report.skipped.append((qualname, cls_name, str(err)))
+        return None
+    if _is_channels_last(module):
+        fused = fused.to(memory_format=torch.channels_last)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    for name, p in fused.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    report.converted[cls_name] += 1
+    return fused
+
+
+def _convert_children(parent: nn.Module, prefix: str, backend: str, report: ConversionReport) -> None:
+    for name, child in list(parent.named_children()):
+        qualname = f"{prefix}.{name}" if prefix else name
+        fused = _replace(child, qualname, backend, report)
+        if fused is not None:
+            setattr(parent, name, fused)
+        elif _recognise(child) is None:  # a skipped block is left whole, inner modules included
+            _convert_children(child, qualname, backend, report)
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace, in place, every recognised block of ``model`` by its fused equivalent (weights,
+    buffers, device, dtype, memory format, train/eval mode and ``requires_grad`` preserved) and
+    return the model; when ``model`` itself is a recognised block, its replacement is returned.
+
+    ``backend`` ("auto", "triton", "cuda", "torch") is given to every fused module. The result
+    is in ``<returned model>.splat_conversion`` (:class:`ConversionReport`) and logged on the
+    ``"splat"`` logger. Recognition and skipping rules: see this module's docstring.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _backend.check_name(backend)
+    report = ConversionReport()
+    fused = _replace(model, "", backend, report)
+    if fused is not None:
+        model = fused
+    elif _recognise(model) is None:
+        _convert_children(model, "", backend, report)
+    model.splat_conversion = report
+    logger.info("%s", report)
+    return model

@@ -1,0 +1,205 @@
+"""splat.convert on small models built from the reference blocks (CPU), and on timm's models (GPU)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import splat
+from splat.convert import ConversionReport, convert
+from tests.helpers import DEVICE, LAYOUTS, rand
+from tests.reference import res2net as ref_res2net
+from tests.reference.sk import SelectiveKernel, SKConv
+from tests.reference.splat import SplAtConv2d, SplitAttn
+
+HAS_RES2NET = getattr(splat, "FusedBottle2neck", None) is not None or hasattr(
+    __import__("importlib").import_module("splat.modules.res2net"), "FusedBottle2neck"
+)
+
+
+class Bottle2neck(ref_res2net.TimmBottle2neck):
+    """A user's own copy of timm's Bottle2neck: same class name, defined here."""
+
+
+class SplitAttnLike(nn.Module):
+    """Same attributes as SplitAttn, another name: must be left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2, self.radix = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1), 2
+
+    def forward(self, x):
+        return self.conv(x) * torch.sigmoid(self.fc2(self.fc1(x.mean((2, 3), keepdim=True))))
+
+
+def randomize_bn(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def small_net():
+    """A ResNet-ish stack mixing every recognised block with modules convert must not touch."""
+    blocks = [
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        SplAtConv2d(16, 16, 3, padding=1, bias=False, radix=2, norm_layer=nn.BatchNorm2d),
+        nn.Sequential(SplitAttn(16, 16, groups=2, radix=4, rd_channels=16, norm_layer=nn.BatchNorm2d)),
+        SKConv(16, None, 2, 4, 2, L=8),
+        SelectiveKernel(16, 16, groups=4, attn_channels=8, split_input=True),
+        SelectiveKernel(16, 16, groups=2, attn_channels=8, split_input=False),
+        ref_res2net.Bottle2neck(16, 4, baseWidth=32, scale=4, stype="normal"),
+        Bottle2neck(16, 4, base_width=32, scale=2),
+        SplitAttnLike(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ]
+    return randomize_bn(nn.Sequential(*blocks))
+
+
+EXPECTED = {"SplAtConv2d": 1, "SplitAttn": 1, "SKConv": 1, "SelectiveKernel": 2, "Bottle2neck": 2}
+
+
+def run(model, x):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device,
+                             dtype=out.dtype))
+    return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_small_net_matches_unconverted(layout, train):
+    model = small_net().to(DEVICE, torch.float64).train(train)
+    if layout == torch.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    original = copy.deepcopy(model)
+    converted = convert(model, backend="torch")
+    assert converted is model
+    report = converted.splat_conversion
+    expected = dict(EXPECTED) if HAS_RES2NET else {k: v for k, v in EXPECTED.items() if k != "Bottle2neck"}
+    assert dict(report.converted) == expected
+    assert type(model[4][0]).__name__ == "FusedSplAtConv2d"
+    assert type(model[-4]) is SplitAttnLike, "a different class name is left alone"
+    assert model.training == train and all(m.training == train for m in model.modules())
+    assert model.state_dict().keys() == original.state_dict().keys()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float64 and p.device.type == DEVICE.type, name
+    x = rand(2, 3, 8, 8, layout=layout)
+    out, dx, grads = run(model, x)
+    exp_out, exp_dx, exp_grads = run(original, x)
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == exp_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, exp_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+    exp_buffers = dict(original.named_buffers())
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, exp_buffers[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_trains_like_the_original():
+    """A few SGD steps on the converted model follow the unconverted one."""
+    model = small_net().double()
+    original = copy.deepcopy(model)
+    convert(model, backend="torch")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, original)]
+    for _ in range(3):
+        x = rand(4, 3, 6, 6)
+        for m, opt in zip((model, original), opts):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
+    model = nn.Sequential(
+        SplitAttn(16, 16, act_layer=nn.SiLU),
+        SplitAttn(16, 16, norm_layer=nn.BatchNorm2d),
+        SplAtConv2d(16, 16, 3, padding=1, norm_layer=nn.BatchNorm2d),
+    )
+    model[2].bn0 = nn.GroupNorm(4, 32)
+    with caplog.at_level(logging.INFO, logger="splat"):
+        convert(model)
+    report = model.splat_conversion
+    assert isinstance(report, ConversionReport)
+    assert dict(report.converted) == {"SplitAttn": 1}
+    assert [(name, cls) for name, cls, _ in report.skipped] == [("0", "SplitAttn"), ("2", "SplAtConv2d")]
+    assert "SiLU" in report.skipped[0][2] and "BatchNorm2d" in report.skipped[1][2]
+    assert type(model[0]).__name__ == "SplitAttn" and type(model[2]).__name__ == "SplAtConv2d"
+    assert "replaced SplitAttn x1" in caplog.text and "left 2 unchanged" in caplog.text
+
+
+def test_top_level_block_and_errors():
+    block = randomize_bn(SKConv(8, None, 2, 2, 2, L=4)).double().eval()
+    fused = convert(copy.deepcopy(block), backend="torch")
+    assert type(fused).__name__ == "FusedSKConv"
+    assert dict(fused.splat_conversion.converted) == {"SKConv": 1}
+    x = rand(2, 8, 5, 5)
+    torch.testing.assert_close(fused(x), block(x), rtol=1e-10, atol=1e-10)
+    plain = nn.Sequential(nn.Conv2d(3, 3, 1))
+    assert convert(plain) is plain and not plain.splat_conversion.converted
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        convert("resnest50d")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        convert(plain, backend="fastest")
+
+
+def test_frozen_parameters_stay_frozen():
+    model = nn.Sequential(SplitAttn(16, 16, norm_layer=nn.BatchNorm2d))
+    model[0].conv.weight.requires_grad_(False)
+    convert(model)
+    assert not model[0].conv.weight.requires_grad and model[0].fc1.weight.requires_grad
+
+
+def test_compile_fullgraph_after_convert():
+    model = nn.Sequential(
+        SplitAttn(8, 8, norm_layer=nn.BatchNorm2d), SKConv(8, None, 2, 2, 2, L=4),
+        SelectiveKernel(8, 8, groups=2, attn_channels=8),
+    ).double()
+    convert(model, backend="torch")
+    eager = copy.deepcopy(model)
+    # aot_eager: traces forward and backward through dynamo and AOTAutograd (what composes or breaks)
+    # without inductor's C++ build on CPU; test_sk_conv compiles the fused modules with inductor.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = rand(2, 8, 6, 6)
+    out, dx, _ = run(compiled, x)
+    exp_out, exp_dx, _ = run(eager, x)
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+
+
+TIMM_MODELS = ["resnest14d", "resnest50d_4s2x40d", "res2net50_26w_4s", "skresnext50_32x4d", "skresnet18"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10).cuda()
+    model = randomize_bn(model)
+    original = copy.deepcopy(model)
+    convert(model)
+    assert sum(model.splat_conversion.converted.values()) > 0, model.splat_conversion
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    for train in (False, True):
+        model.train(train)
+        original.train(train)
+        for layout in LAYOUTS:
+            xl = x.contiguous(memory_format=layout)
+            with torch.no_grad():
+                torch.testing.assert_close(model(xl), original(xl), rtol=1e-3, atol=1e-3)
+    model.to(memory_format=torch.channels_last).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(model)(x.contiguous(memory_format=torch.channels_last))
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,279 @@
+"""FusedSKConv / FusedSelectiveKernel against the independent reference SKConv / SelectiveKernel of
+tests/reference/sk.py, and the grouped channel order (``groups``) of the ops they use."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import splat
+from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
+from splat.ops import attention_sum, radix_pool
+from tests.helpers import DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.reference.sk import SelectiveKernel, SKConv
+
+# SKConv(features, WH, M, G, r, stride, L): branches reading the whole input, grouped (the buffer
+# is group-major: the ops' groups argument), ungrouped (branch-major), one branch, stride 2.
+SK_CONFIGS = {
+    "m2g2": dict(features=8, WH=None, M=2, G=2, r=2, L=4),
+    "m3g4-s2": dict(features=8, WH=None, M=3, G=4, r=2, stride=2, L=4),
+    "m2g1": dict(features=6, WH=None, M=2, G=1, r=2, L=4),
+    "m1": dict(features=4, WH=None, M=1, G=2, r=2, L=4),
+}
+
+# timm-like SelectiveKernel(in, out, stride, groups, num_paths, attn_channels, split_input): dilated 3x3s.
+TIMM_CONFIGS = {
+    "split": dict(in_channels=8, out_channels=8, groups=2, num_paths=2, attn_channels=8, split_input=True),
+    "split-s2-3paths": dict(in_channels=12, out_channels=8, stride=2, groups=4, num_paths=3, attn_channels=8,
+                            split_input=True),
+    "whole": dict(in_channels=8, out_channels=8, groups=2, num_paths=2, attn_channels=8, split_input=False),
+}
+
+
+def randomize_bn(module):
+    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def make_sk(name, backend, dtype=torch.float64):
+    config = SK_CONFIGS[name]
+    ref = randomize_bn(SKConv(**config)).to(DEVICE, dtype)
+    fused = FusedSKConv(**config, backend=backend).to(DEVICE, dtype)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fused, config["features"]
+
+
+def make_timm(name, backend, dtype=torch.float64):
+    ref = randomize_bn(SelectiveKernel(**TIMM_CONFIGS[name])).to(DEVICE, dtype)
+    fused = FusedSKConv.from_module(ref, backend=backend)
+    return ref, fused, TIMM_CONFIGS[name]["in_channels"]
+
+
+def run(module, x):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def compare(ref, fused, x, dtype, ref_low=None):
+    out, dx, grads = run(fused, x)
+    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
+    exp_out, exp_dx, exp_grads = run(ref64, x.double())
+    low = run(ref_low, x) if ref_low is not None else (None, None, {})
+    assert out.dtype == exp_out.to(dtype).dtype
+    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
+    assert_close(out, exp_out, dtype, low[0], "output")
+    assert_close(dx, exp_dx, dtype, low[1], "input grad")
+    assert grads.keys() == exp_grads.keys()
+    for name, g in grads.items():
+        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
+    ref_buffers = dict(ref64.named_buffers())
+    assert dict(fused.named_buffers()).keys() == ref_buffers.keys()
+    for name, b in fused.named_buffers():
+        assert_close(b.to(ref_buffers[name].dtype), ref_buffers[name], dtype, ref_buffers[name], f"buffer {name}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(SK_CONFIGS))
+@pytest.mark.parametrize("backend", backend_params())
+def test_skconv_matches_reference_float64(backend, name, layout, train):
+    ref, fused, channels = make_sk(name, backend)
+    ref.train(train)
+    fused.train(train)
+    compare(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["split", "split-s2-3paths"])  # "whole" shares SKConv's path; see test_from_module
+@pytest.mark.parametrize("backend", backend_params())
+def test_selective_kernel_matches_reference_float64(backend, name, layout, train):
+    ref, fused, channels = make_timm(name, backend)
+    assert isinstance(fused, FusedSelectiveKernel)
+    ref.train(train)
+    fused.train(train)
+    compare(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("make,name", [(make_sk, "m3g4-s2"), (make_timm, "split")], ids=["skconv", "timm"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_matches_reference_low_precision(backend, make, name, layout, dtype):
+    ref, fused, channels = make(name, backend, dtype)
+    ref_low = copy.deepcopy(ref)
+    compare(ref, fused, rand(4, channels, 9, 9, dtype=dtype, layout=layout), dtype, ref_low)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_grouped_channel_order(backend, layout):
+    """radix_pool / attention_sum with groups=K read y (and scale, shift, attn) in (k, r, j) order."""
+    B, K, R, Cg, H, W = 2, 3, 2, 4, 5, 3
+    C = K * Cg
+    y = rand(B, R * C, H, W, layout=layout, requires_grad=True)
+    scale = (torch.rand(R * C, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
+    shift = rand(R * C, requires_grad=True)
+    attn = torch.rand(B, R * C, dtype=torch.float64, device=DEVICE).requires_grad_()
+    inputs = [y, scale, shift, attn]
+
+    def expected():
+        act = torch.relu(y * scale[:, None, None] + shift[:, None, None]).view(B, K, R, Cg, H, W)
+        gap = act.sum(2).mean((3, 4)).reshape(B, C)
+        return gap, (act * attn.view(B, K, R, Cg, 1, 1)).sum(2).reshape(B, C, H, W)
+
+    gap = radix_pool(y, scale, shift, R, backend, groups=K)
+    out = attention_sum(y, scale, shift, attn, R, backend, groups=K)
+    exp_gap, exp_out = expected()
+    assert_close(gap, exp_gap, torch.float64, name="gap")
+    assert_close(out, exp_out, torch.float64, name="out")
+    assert out.is_contiguous(memory_format=layout)
+    dgap, dout = torch.randn_like(exp_gap), torch.randn(exp_out.shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((gap * dgap).sum() + (out * dout).sum(), inputs)
+    exp_grads = torch.autograd.grad((exp_gap * dgap).sum() + (exp_out * dout).sum(), inputs)
+    for i, (g, e) in enumerate(zip(grads, exp_grads)):
+        assert_close(g, e, torch.float64, name=f"grad {i}")
+    with pytest.raises(ValueError, match="groups=5 must divide"):
+        radix_pool(y, scale, shift, R, backend, groups=5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_training_steps_update_running_stats(backend):
+    ref, fused, channels = make_sk("m2g2", backend)
+    for branch in list(ref.convs) + list(fused.convs):
+        branch[1].momentum = None
+    for _ in range(3):
+        x = rand(2, channels, 5, 5)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_from_module(backend):
+    originals = [SKConv(**SK_CONFIGS["m3g4-s2"]), SelectiveKernel(**TIMM_CONFIGS["whole"])]
+    for m in originals:
+        m = randomize_bn(m).to(DEVICE, torch.float64).train(False)
+        fused = FusedSKConv.from_module(m, backend=backend)
+        assert not fused.training
+        assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+        x = rand(2, 8, 6, 6)
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-10, atol=1e-10)
+        first = next(iter(m.parameters()))
+        assert next(iter(fused.parameters())).data_ptr() != first.data_ptr(), "weights are copied, not shared"
+
+
+def test_from_module_rejects_unsupported():
+    m = SKConv(**SK_CONFIGS["m2g2"])
+    m.convs[1][2] = nn.SiLU()
+    with pytest.raises(ValueError, match="convs.1.2 is SiLU"):
+        FusedSKConv.from_module(m)
+    m = SKConv(**SK_CONFIGS["m2g2"])
+    m.convs[0][1] = nn.SyncBatchNorm(8)
+    with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
+        FusedSKConv.from_module(m)
+    m = SKConv(**SK_CONFIGS["m2g2"])
+    m.convs[1][0].padding = (1, 1)  # a 5x5 with padding 1: not centred, a smaller output grid
+    with pytest.raises(ValueError, match="not centred"):
+        FusedSKConv.from_module(m)
+    with pytest.raises(TypeError, match="neither an SKConv"):
+        FusedSKConv.from_module(nn.Conv2d(2, 2, 1))
+
+
+def test_state_dict_keys_and_strict_round_trip():
+    for name, config in SK_CONFIGS.items():
+        ref, fused = SKConv(**config), FusedSKConv(**config, backend="torch")
+        assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        ref.load_state_dict(fused.state_dict(), strict=True)
+    fused = randomize_bn(FusedSKConv(**SK_CONFIGS["m2g2"], backend="torch")).double().eval()
+    x = rand(2, 8, 5, 5)
+    clone = pickle.loads(pickle.dumps(fused))
+    torch.testing.assert_close(clone(x), fused(x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = FusedSKConv(**SK_CONFIGS["m2g2"], backend="torch").double().eval()
+    fresh.load_state_dict(torch.load(buffer), strict=True)
+    torch.testing.assert_close(fresh(x), fused(x), rtol=0, atol=0)
+    timm_ref, timm_fused, _ = make_timm("split", "torch")
+    timm_ref.load_state_dict(timm_fused.state_dict(), strict=True)
+    timm_fused.load_state_dict(timm_ref.state_dict(), strict=True)
+
+
+def test_constructor_matches_timm_keys():
+    fused = FusedSelectiveKernel(8, 8, groups=2, rd_channels=8)
+    ref = SelectiveKernel(**TIMM_CONFIGS["split"])
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("make,name", [(make_sk, "m2g2"), (make_timm, "split")], ids=["skconv", "timm"])
+def test_torch_compile_fullgraph(make, name):
+    _, fused, channels = make(name, "torch")
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    for step in range(2):
+        x = rand(2, channels, 6, 6, layout=LAYOUTS[step])
+        out, dx, grads = run(compiled, x)
+        exp_out, exp_dx, exp_grads = run(eager, x)
+        torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, exp_grads[n.removeprefix("_orig_mod.")], rtol=1e-10, atol=1e-10, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make,name", [(make_sk, "m2g2"), (make_timm, "split")], ids=["skconv", "timm"])
+def test_autocast_output_dtype(make, name):
+    ref, fused, channels = make(name, "auto", torch.float32)
+    x = rand(2, channels, 6, 6, dtype=torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, exp = fused(x), ref(x)
+    assert out.dtype == exp.dtype
+    torch.testing.assert_close(out.float(), exp.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_empty_batch():
+    _, fused, channels = make_sk("m3g4-s2", "auto", torch.float32)
+    for layout in LAYOUTS:
+        out = fused(rand(0, channels, 7, 7, dtype=torch.float32, layout=layout))
+        assert out.shape == (0, 8, 4, 4)
+    assert int(fused.convs[0][1].num_batches_tracked) == 0
+
+
+def test_bad_input():
+    _, fused, _ = make_sk("m2g2", "auto", torch.float32)
+    x = rand(2, 8, 5, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        fused(x[0])
+    with pytest.raises(ValueError, match="input has 4 channels, expected in_channels=8"):
+        fused(x[:, :4])
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        fused(x.long())
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        fused(x.numpy())
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        fused(x.double())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x[:1, :, :1, :1])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedSKConv(8, None, 2, 2, 2, backend="fastest")
+    with pytest.raises(ValueError, match="G=3 must divide features=8"):
+        FusedSKConv(8, None, 2, 3, 2)
+    with pytest.raises(ValueError, match="M must be a positive int"):
+        FusedSKConv(8, None, 0, 1, 2)
+    with pytest.raises(ValueError, match="split_input needs in_channels=9"):
+        FusedSelectiveKernel(9, 8)
