@@ -132,31 +132,48 @@ def _build_splat(cfg):
 
 
 def _res2net_configs():
-    # res2net50_26w_4s, 'normal' blocks (no downsample): inplanes = 4 * planes.
+    # res2net50_26w_4s: the repeated 'normal' blocks (no downsample, inplanes = 4 * planes) and the
+    # 'stage' block that opens each stage (downsample; stride 2 from stage 2 on).
     cfgs = []
     for i, (planes, hw) in enumerate([(64, 56), (128, 28), (256, 14), (512, 7)]):
         cfgs.append(Config(f"res2net50_26w_4s.s{i + 1}", 4 * planes, hw, dict(planes=planes), True, i == 2))
+    for i, (inplanes, planes, stride, hw) in enumerate([(64, 64, 1, 56), (256, 128, 2, 56), (512, 256, 2, 28),
+                                                         (1024, 512, 2, 14)]):
+        kw = dict(planes=planes, stride=stride, stype="stage")
+        cfgs.append(Config(f"res2net50_26w_4s.s{i + 1}-stage", inplanes, hw, kw, False))
     return cfgs
 
 
 def _build_res2net(cfg):
     from tests.reference.res2net import Bottle2neck
 
-    return Bottle2neck(cfg.in_channels, cfg.kwargs["planes"], baseWidth=26, scale=4, stype="normal")
+    planes, stride = cfg.kwargs["planes"], cfg.kwargs.get("stride", 1)
+    downsample = None
+    if cfg.kwargs.get("stype") == "stage":
+        downsample = nn.Sequential(nn.Conv2d(cfg.in_channels, planes * 4, 1, stride, bias=False),
+                                   nn.BatchNorm2d(planes * 4))
+    return Bottle2neck(cfg.in_channels, planes, stride, downsample, baseWidth=26, scale=4,
+                       stype=cfg.kwargs.get("stype", "normal"))
 
 
-def _like(x, channels):
-    """A random leaf shaped like x with another channel count, in x's memory format."""
+def _like(x, channels, stride=1):
+    """A random leaf shaped like x (spatially divided by stride) with another channel count, in x's memory format."""
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
-    t = torch.randn(x.shape[0], channels, *x.shape[2:], device=x.device, dtype=x.dtype)
+    size = [(n - 1) // stride + 1 for n in x.shape[2:]]
+    t = torch.randn(x.shape[0], channels, *size, device=x.device, dtype=x.dtype)
     return t.contiguous(memory_format=fmt).requires_grad_()
 
 
 def _res2net_convs(ref, x):
-    # conv1 on x, each 3x3 branch conv on a width-channel input, conv3 on the concatenation.
-    return [(ref.conv1, x)] + [(conv, _like(x, ref.width)) for conv in ref.convs] + \
-        [(ref.conv3, _like(x, ref.width * ref.scale))]
+    # conv1 on x, each 3x3 branch conv on a width-channel input, conv3 on the concatenation at the
+    # output resolution, and the downsample's conv on x.
+    stride = ref.convs[0].stride[0]
+    parts = [(ref.conv1, x)] + [(conv, _like(x, ref.width)) for conv in ref.convs]
+    parts.append((ref.conv3, _like(x, ref.width * ref.scale, stride)))
+    if ref.downsample is not None:
+        parts.append((ref.downsample[0], x))
+    return parts
 
 
 def _sk_configs():

@@ -3,11 +3,12 @@
 from splat import ops
 from splat.backend import backends
 from splat.convert import ConversionReport, convert
-from splat.modules import FusedSelectiveKernel, FusedSKConv, FusedSplAtConv2d
+from splat.modules import FusedBottle2neck, FusedSelectiveKernel, FusedSKConv, FusedSplAtConv2d
 
 __version__ = "0.1.0"
 __all__ = [
     "ConversionReport",
+    "FusedBottle2neck",
     "FusedSKConv",
     "FusedSelectiveKernel",
     "FusedSplAtConv2d",

@@ -4,6 +4,7 @@ from splat.kernels.attention_sum import attention_sum_backward, attention_sum_fo
 from splat.kernels.channel_stats import channel_stats_backward, channel_stats_forward
 from splat.kernels.radix_pool import radix_pool_backward, radix_pool_forward
 from splat.kernels.radix_softmax import radix_softmax_backward, radix_softmax_forward
+from splat.kernels.res2net_chain import res2net_chain_backward, res2net_chain_forward
 
 __all__ = [
     "attention_sum_backward",
@@ -14,4 +15,6 @@ __all__ = [
     "radix_pool_forward",
     "radix_softmax_backward",
     "radix_softmax_forward",
+    "res2net_chain_backward",
+    "res2net_chain_forward",
 ]

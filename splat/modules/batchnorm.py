@@ -18,7 +18,7 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or not bn.track_running_stats
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
     """What nn.BatchNorm2d does in training: momentum (or the cumulative average when it is
     None) and the unbiased variance for running_var."""
     bn.num_batches_tracked.add_(1)
@@ -62,7 +62,7 @@ def batch_norm_scale_shift(
         if _uses_batch_stats(bn):
             mean, var = batch_mean[channels], batch_var[channels]
             if bn.training and bn.track_running_stats:
-                _update_running_stats(bn, mean.detach(), var.detach(), n)
+                update_running_stats(bn, mean.detach(), var.detach(), n)
         else:
             mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
         scale = torch.rsqrt(var + bn.eps)

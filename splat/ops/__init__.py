@@ -8,5 +8,6 @@ from splat.ops.attention_sum import attention_sum
 from splat.ops.channel_stats import channel_stats
 from splat.ops.radix_pool import radix_pool
 from splat.ops.radix_softmax import radix_softmax
+from splat.ops.res2net_chain import res2net_chain
 
-__all__ = ["attention_sum", "channel_stats", "radix_pool", "radix_softmax"]
+__all__ = ["attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain"]

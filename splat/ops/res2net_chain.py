@@ -34,7 +34,9 @@ def output_size(size: int, stride: int) -> int:
 def _normalise(y: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float, batch_stats: bool):
     acc = _layout.acc_dtype(y.dtype)
     y_acc = y.to(acc)
-    if batch_stats:
+    if batch_stats and y.numel() == 0:
+        mean = var = y_acc.new_full((y.shape[1],), float("nan"))
+    elif batch_stats:
         var, mean = torch.var_mean(y_acc, dim=(0, 2, 3), correction=0)
     rstd = torch.rsqrt(var + eps)
     pre = (y_acc - mean[:, None, None]) * (rstd * gamma.to(acc))[:, None, None] + beta.to(acc)[:, None, None]

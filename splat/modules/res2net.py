@@ -1,0 +1,170 @@
+"""FusedBottle2neck: Res2Net's bottleneck with the multi-scale 3x3 stage fused into one op."""
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splat import _layout
+from splat import backend as _backend
+from splat.modules.batchnorm import update_running_stats, check_batchnorm
+from splat.modules.splat_conv import check_input
+from splat.ops.res2net_chain import output_size, res2net_chain
+
+STYPES = ("normal", "stage")
+
+
+def _positive_int(v, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or not bn.track_running_stats
+
+
+class FusedBottle2neck(nn.Module):
+    """Drop-in Res2Net ``Bottle2neck`` (same arguments, defaults and state_dict keys).
+
+    ``cardinality`` and ``dilation`` (keyword-only) give timm's Res2NeXt / dilated variants:
+    ``width = floor(planes * baseWidth / 64) * cardinality`` and the 3x3 branch convs use
+    ``groups=cardinality``, ``dilation=padding=dilation``. Input (B, inplanes, H, W), NCHW or
+    channels_last; output (B, planes * 4, H', W'), H' = (H - 1) // stride + 1. ``backend``:
+    "auto" (``$SPLAT_BACKEND`` if set, else the fastest for the device), "triton", "cuda" or
+    "torch" (pure PyTorch, runs anywhere); it picks the implementation of the branch chain, the
+    1x1 convs run through PyTorch (cuDNN).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self, inplanes, planes, stride=1, downsample=None, baseWidth=26, scale=4, stype="normal", *,
+        cardinality=1, dilation=1, backend="auto", device=None, dtype=None,
+    ):
+        super().__init__()
+        _positive_int(inplanes, "inplanes")
+        _positive_int(planes, "planes")
+        _positive_int(stride, "stride")
+        _positive_int(scale, "scale")
+        _positive_int(cardinality, "cardinality")
+        _positive_int(dilation, "dilation")
+        if stype not in STYPES:
+            raise ValueError(f"stype must be one of {STYPES}, got {stype!r}")
+        width = int(math.floor(planes * (baseWidth / 64.0))) * cardinality
+        if width < 1:
+            raise ValueError(f"planes={planes} and baseWidth={baseWidth!r} give a branch width of {width}")
+        if stype == "normal" and stride > 1 and scale > 1:
+            raise ValueError("stride > 1 needs stype='stage': a 'normal' block adds splits of different sizes")
+        factory = {"device": device, "dtype": dtype}
+        self.backend = _backend.check_name(backend)
+        self.width, self.scale, self.stype, self.stride = width, scale, stype, stride
+        self.cardinality, self.dilation = cardinality, dilation
+        self.nums = 1 if scale == 1 else scale - 1
+        self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False, **factory)
+        self.bn1 = nn.BatchNorm2d(width * scale, **factory)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, groups=cardinality,
+                      bias=False, **factory)
+            for _ in range(self.nums)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width, **factory) for _ in range(self.nums))
+        self.conv3 = nn.Conv2d(width * scale, planes * self.expansion, kernel_size=1, bias=False, **factory)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion, **factory)
+        self.downsample = downsample
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, scale={self.scale}, stype={self.stype!r}, cardinality={self.cardinality}, "
+                f"dilation={self.dilation}, backend={self.backend!r}")
+
+    def _branch_bn(self, acc: torch.dtype):
+        """The branch BNs as concatenated (nums*width,) vectors, and whether they use batch statistics."""
+        batch_stats = {_uses_batch_stats(bn) for bn in self.bns}
+        eps = {bn.eps for bn in self.bns}
+        if len(batch_stats) > 1 or len(eps) > 1:
+            raise ValueError("the branch BatchNorms must share eps and train/eval mode to be fused")
+        for i, bn in enumerate(self.bns):
+            check_batchnorm(bn, f"bns.{i}")
+        ones = [torch.ones(self.width, dtype=acc, device=self.conv1.weight.device)] * self.nums
+        gamma = torch.cat([ones[0] if bn.weight is None else bn.weight.to(acc) for bn in self.bns])
+        beta = torch.cat([ones[0] * 0 if bn.bias is None else bn.bias.to(acc) for bn in self.bns])
+        use_running = [bn.running_mean is not None for bn in self.bns]
+        mean = torch.cat([bn.running_mean.to(acc) if r else o * 0 for bn, r, o in zip(self.bns, use_running, ones)])
+        var = torch.cat([bn.running_var.to(acc) if r else o for bn, r, o in zip(self.bns, use_running, ones)])
+        return gamma, beta, mean, var, eps.pop(), batch_stats.pop()
+
+    def _unfused_chain(self, out: Tensor) -> Tensor:
+        """The chain through the submodules, for empty batches (BN still counts them as batches)."""
+        spx = torch.split(out, self.width, 1)
+        pieces = []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 or self.stype == "stage" else sp + spx[i]
+            sp = F.relu(bn(conv(sp)))
+            pieces.append(sp)
+        if self.scale > 1:
+            pieces.append(F.avg_pool2d(spx[-1], 3, self.stride, 1) if self.stype == "stage" else spx[-1])
+        return torch.cat(pieces, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.conv1.weight, self.conv1.in_channels)
+        out = F.relu(self.bn1(self.conv1(x)))
+        if x.shape[0] == 0:
+            chain = self._unfused_chain(out)
+        else:
+            backend = _backend.resolve(self.backend, out)
+            gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))
+            # .to: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
+            weight = torch.cat([conv.weight for conv in self.convs]).to(out.dtype)
+            chain, mean, var = res2net_chain(
+                out, weight, gamma, beta, running_mean, running_var, eps,
+                self.scale, self.stype == "stage", self.stride, self.dilation, self.cardinality, batch_stats,
+                save_y=torch.is_grad_enabled(), backend=backend,
+            )
+            if self.training and batch_stats:
+                n = x.shape[0] * output_size(x.shape[2], self.stride) * output_size(x.shape[3], self.stride)
+                for i, bn in enumerate(self.bns):
+                    if bn.track_running_stats:
+                        ch = slice(i * self.width, (i + 1) * self.width)
+                        update_running_stats(bn, mean[ch].detach(), var[ch].detach(), n)
+        out = self.bn3(self.conv3(chain))
+        # In place, like the original: under autocast the sum keeps bn3's dtype.
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out)
+
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedBottle2neck":
+        """A FusedBottle2neck computing what ``m`` computes: the original Res2Net ``Bottle2neck``
+        (``stype``) or timm's (``is_first``, cardinality, dilation). Weights, buffers and the
+        downsample module are copied; device, dtype and train/eval mode are kept."""
+        name = type(m).__name__
+        if hasattr(m, "stype"):
+            stype = m.stype
+        elif hasattr(m, "is_first"):
+            stype = "stage" if m.is_first else "normal"
+        else:
+            raise TypeError(f"{name} is neither Res2Net's nor timm's Bottle2neck (no stype / is_first)")
+        for attr in ("se", "attn"):
+            if getattr(m, attr, None) is not None and not isinstance(getattr(m, attr), nn.Identity):
+                raise ValueError(f"{name}.{attr} is set; FusedBottle2neck has no attention layer")
+        relu = getattr(m, "relu", nn.ReLU())
+        if type(relu) is not nn.ReLU:
+            raise ValueError(f"{name}.relu is {type(relu).__name__}; only ReLU is fused")
+        for i, bn in enumerate(m.bns):
+            check_batchnorm(bn, f"{name}.bns.{i}")
+        conv = m.convs[0]
+        weight = m.conv1.weight
+        planes = m.conv3.out_channels // cls.expansion
+        fused = cls(
+            m.conv1.in_channels, planes, conv.stride[0], None, baseWidth=64.0 * (m.width // conv.groups) / planes,
+            scale=m.scale, stype=stype, cardinality=conv.groups, dilation=conv.dilation[0],
+            backend=backend, device=weight.device, dtype=weight.dtype,
+        )
+        # floor(planes * baseWidth / 64) may round the reconstructed baseWidth down by one: m's width rules.
+        fused.width = m.width
+        fused.conv1, fused.bn1 = copy.deepcopy(m.conv1), copy.deepcopy(m.bn1)
+        fused.convs, fused.bns = copy.deepcopy(m.convs), copy.deepcopy(m.bns)
+        fused.conv3, fused.bn3 = copy.deepcopy(m.conv3), copy.deepcopy(m.bn3)
+        fused.downsample = copy.deepcopy(m.downsample)
+        return fused.train(m.training)

@@ -1,0 +1,101 @@
+"""Reference Res2Net bottlenecks: the original Bottle2neck and timm's (cardinality, dilation)."""
+
+import math
+
+import torch
+from torch import nn
+
+
+class Bottle2neck(nn.Module):
+    """The original Res2Net block: split, chain of 3x3 convs ('normal') or independent ('stage')."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, baseWidth=26, scale=4, stype="normal"):
+        super().__init__()
+        width = int(math.floor(planes * (baseWidth / 64.0)))
+        self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.nums = 1 if scale == 1 else scale - 1
+        if stype == "stage":
+            self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1)
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False) for _ in range(self.nums)]
+        )
+        self.bns = nn.ModuleList([nn.BatchNorm2d(width) for _ in range(self.nums)])
+        self.conv3 = nn.Conv2d(width * scale, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stype = stype
+        self.scale = scale
+        self.width = width
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        for i in range(self.nums):
+            sp = spx[i] if i == 0 or self.stype == "stage" else sp + spx[i]
+            sp = self.relu(self.bns[i](self.convs[i](sp)))
+            out = sp if i == 0 else torch.cat((out, sp), 1)
+        if self.scale != 1 and self.stype == "normal":
+            out = torch.cat((out, spx[self.nums]), 1)
+        elif self.scale != 1 and self.stype == "stage":
+            out = torch.cat((out, self.pool(spx[self.nums])), 1)
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        out += residual
+        return self.relu(out)
+
+
+class TimmBottle2neck(nn.Module):
+    """timm's Bottle2neck: 'stage' iff stride > 1 or a downsample; grouped, dilated 3x3 branch convs."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1, base_width=26, scale=4,
+                 dilation=1, first_dilation=None, act_layer=nn.ReLU, norm_layer=None, attn_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.scale = scale
+        self.is_first = stride > 1 or downsample is not None
+        self.num_scales = max(1, scale - 1)
+        width = int(math.floor(planes * (base_width / 64.0))) * cardinality
+        self.width = width
+        first_dilation = first_dilation or dilation
+        self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
+        self.bn1 = norm_layer(width * scale)
+        self.convs = nn.ModuleList([
+            nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=first_dilation, dilation=first_dilation,
+                      groups=cardinality, bias=False)
+            for _ in range(self.num_scales)
+        ])
+        self.bns = nn.ModuleList([norm_layer(width) for _ in range(self.num_scales)])
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.is_first else None
+        self.conv3 = nn.Conv2d(width * scale, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.se = attn_layer(planes * self.expansion) if attn_layer is not None else None
+        self.relu = act_layer(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        shortcut = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        spo = []
+        sp = spx[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 or self.is_first else sp + spx[i]
+            sp = self.relu(bn(conv(sp)))
+            spo.append(sp)
+        if self.scale > 1:
+            spo.append(self.pool(spx[-1]) if self.pool is not None else spx[-1])
+        out = self.bn3(self.conv3(torch.cat(spo, 1)))
+        if self.se is not None:
+            out = self.se(out)
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        out += shortcut
+        return self.relu(out)

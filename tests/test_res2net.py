@@ -1,0 +1,392 @@
+"""FusedBottle2neck and ``splat::res2net_chain`` against the independent reference Bottle2necks.
+
+Expected gradients come from autograd through tests/reference/res2net.py, never from the op's
+own backward formulas. Triton runs through its interpreter on CPU, so its shapes stay tiny.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import splat
+from splat.modules.res2net import FusedBottle2neck
+from splat.ops.res2net_chain import res2net_chain
+from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.reference.res2net import Bottle2neck, TimmBottle2neck
+
+NHWC = torch.channels_last
+
+
+def downsample(inplanes, planes, stride):
+    return nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+
+# name -> (reference factory, input channels). Every stype and scale path of both originals:
+# the chain ('normal'), independent branches with a strided pool ('stage'), scale 1 (no
+# passthrough slot), scale 2 and 8, odd widths, timm's grouped and dilated branch convs.
+CONFIGS = {
+    "normal-4s": (lambda: Bottle2neck(16, 4, baseWidth=26, scale=4), 16),
+    "stage-4s-s2": (lambda: Bottle2neck(8, 4, stride=2, downsample=downsample(8, 4, 2), scale=4, stype="stage"), 8),
+    "stage-s1": (lambda: Bottle2neck(8, 4, downsample=downsample(8, 4, 1), baseWidth=48, scale=2, stype="stage"), 8),
+    "normal-1s": (lambda: Bottle2neck(16, 4, baseWidth=48, scale=1), 16),
+    "normal-8s": (lambda: Bottle2neck(16, 4, baseWidth=40, scale=8), 16),
+    "timm-card-dil": (lambda: TimmBottle2neck(16, 4, cardinality=2, base_width=40, scale=3, dilation=2), 16),
+    "timm-stage-card": (
+        lambda: TimmBottle2neck(8, 4, stride=2, downsample=downsample(8, 4, 2), cardinality=3, base_width=16,
+                                scale=4, dilation=2), 8,
+    ),
+}
+
+# The interpreter is slow: Triton gets every config in float64 and a few in float32.
+TRITON_FLOAT32 = ("normal-4s", "timm-stage-card")
+
+
+def randomize_bn(module):
+    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def make_pair(name, backend, dtype=torch.float64, train=True):
+    factory, inplanes = CONFIGS[name]
+    ref = randomize_bn(factory()).to(DEVICE, dtype).train(train)
+    fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
+    return ref, fused, inplanes
+
+
+def run(module, x):
+    x = x.detach().requires_grad_()
+    out = module(x)
+    # By logical shape: randn_like would fill a channels_last output in memory order.
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def compare(ref, fused, x, dtype, ref_low=None, steps=1):
+    """Outputs, input and parameter gradients, and every buffer after ``steps`` forward passes."""
+    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
+    for step in range(steps):
+        xs = x if step == 0 else rand(*x.shape, dtype=dtype, layout=splat._layout.memory_format(x))
+        for module in (fused, ref64, ref_low):
+            if module is not None:
+                module.zero_grad(set_to_none=True)
+        out, dx, grads = run(fused, xs)
+        exp_out, exp_dx, exp_grads = run(ref64, xs.double())
+        low = run(ref_low, xs) if ref_low is not None else (None, None, {})
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
+    assert_close(out, exp_out, dtype, low[0], "output")
+    assert_close(dx, exp_dx, dtype, low[1], "input grad")
+    assert grads.keys() == exp_grads.keys()
+    for name, g in grads.items():
+        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
+    buffers = dict(ref64.named_buffers())
+    assert dict(fused.named_buffers()).keys() == buffers.keys()
+    for name, b in fused.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == int(buffers[name]), name
+        else:
+            assert_close(b.to(buffers[name].dtype), buffers[name], dtype, buffers[name], f"buffer {name}")
+
+
+def module_cases():
+    cases = []
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for i, name in enumerate(CONFIGS):
+                interpreted = backend == "triton" and DEVICE.type == "cpu"
+                if interpreted and dtype == torch.float32 and name not in TRITON_FLOAT32:
+                    continue
+                for train in (True, False):
+                    layouts = LAYOUTS if not interpreted else [LAYOUTS[(i + train) % 2]]
+                    for layout in layouts:
+                        mode, fmt = "train" if train else "eval", "nhwc" if layout == NHWC else "nchw"
+                        case_id = f"{backend}-{dtype}-{name}-{mode}-{fmt}"
+                        cases.append(pytest.param(backend, dtype, name, train, layout, id=case_id))
+    return cases
+
+
+@pytest.mark.parametrize("backend, dtype, name, train, layout", module_cases())
+def test_matches_reference(backend, dtype, name, train, layout):
+    ref, fused, inplanes = make_pair(name, backend, dtype, train)
+    ref_low = copy.deepcopy(ref) if dtype != torch.float64 else None
+    compare(ref, fused, rand(2, inplanes, 5, 6, dtype=dtype, layout=layout), dtype, ref_low, steps=2 if train else 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["normal-4s", "stage-4s-s2", "timm-card-dil"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_matches_reference_low_precision(backend, dtype, name, layout):
+    ref, fused, inplanes = make_pair(name, backend, dtype)
+    ref_low = copy.deepcopy(ref)
+    compare(ref, fused, rand(4, inplanes, 14, 14, dtype=dtype, layout=layout), dtype, ref_low)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_momentum_none_and_frozen_stats(backend):
+    """Cumulative running averages (momentum=None), and BNs without running statistics."""
+    ref, fused, inplanes = make_pair("normal-4s", backend)
+    for module in (ref, fused):
+        for bn in module.bns:
+            bn.momentum = None
+    compare(ref, fused, rand(2, inplanes, 4, 5), torch.float64, steps=3)
+    ref = Bottle2neck(16, 4, scale=3).double().eval()
+    for i, bn in enumerate(ref.bns):
+        ref.bns[i] = nn.BatchNorm2d(bn.num_features, track_running_stats=False).double().eval()
+    fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
+    compare(ref, fused, rand(2, 16, 4, 5), torch.float64)
+
+
+def test_tiles_and_splits(monkeypatch):
+    """Triton paths that the module tests' tiny shapes miss: several channel and reduction
+    tiles with tails (width 20), several pixel tiles, and a split-K weight gradient."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is unavailable")
+    from splat.kernels import res2net_chain as kernels
+
+    monkeypatch.setattr(kernels, "PIXELS_PER_SPLIT", 40)
+    ref = Bottle2neck(64, 16, baseWidth=80, scale=2).double()
+    fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend="triton")
+    compare(ref, fused, rand(2, 64, 7, 9, layout=NHWC), torch.float64)
+    ref = Bottle2neck(8, 2, baseWidth=128, scale=3).float()
+    fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend="triton")
+    compare(ref, fused, rand(3, 8, 9, 10, dtype=torch.float32), torch.float32, copy.deepcopy(ref))
+
+
+def chain_args(stage, batch_stats, scale=3, width=4, groups=2, stride=1, dilation=1, layout=torch.contiguous_format,
+               hw=(4, 5)):
+    nums = max(1, scale - 1)
+    x = rand(2, width * scale, *hw, layout=layout).relu().requires_grad_()
+    weight = rand(nums * width, width // groups, 3, 3, scale=0.5, requires_grad=True)
+    gamma = (rand(nums * width).abs() + 0.5).requires_grad_()
+    beta = rand(nums * width, requires_grad=True)
+    running = (rand(nums * width), rand(nums * width).abs() + 0.5)
+    return (x, weight, gamma, beta, *running, 1e-5, scale, stage, stride, dilation, groups, batch_stats)
+
+
+CHAIN_CASES = [
+    pytest.param(dict(stage=False, batch_stats=True), id="normal-train"),
+    pytest.param(dict(stage=False, batch_stats=False, dilation=2, layout=NHWC), id="normal-eval-dil-nhwc"),
+    pytest.param(dict(stage=True, batch_stats=True, stride=2, layout=NHWC), id="stage-train-s2-nhwc"),
+    pytest.param(dict(stage=True, batch_stats=False, scale=4, groups=1), id="stage-eval"),
+    pytest.param(dict(stage=False, batch_stats=True, scale=1), id="scale1"),
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES)
+@pytest.mark.parametrize("backend", backend_params())
+def test_gradcheck(backend, case):
+    args = chain_args(**case, width=2, hw=(3, 4))
+    interpreted = backend == "triton" and DEVICE.type == "cpu"
+
+    def fn(x, weight, gamma, beta):
+        return res2net_chain(x, weight, gamma, beta, *args[4:], backend=backend)[0]
+
+    assert torch.autograd.gradcheck(fn, args[:4], fast_mode=interpreted)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck(backend):
+    """Schema, fake kernels, autograd registration and compile tracing of both ops (the backward op
+    is first-order only, so it gets inputs that do not require grad)."""
+    for case in (CHAIN_CASES[0], CHAIN_CASES[2]):
+        args = list(chain_args(**case.values[0]))
+        torch.library.opcheck(torch.ops.splat.res2net_chain, (*args, True, backend))
+        with torch.no_grad():
+            out, y, mean, var = torch.ops.splat.res2net_chain(*args, True, backend)
+        x, weight, gamma = (t.detach() for t in args[:3])
+        dout = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=splat._layout.memory_format(out))
+        back = (dout, x, weight, gamma, out, y, mean, var, *args[6:], backend)
+        torch.library.opcheck(torch.ops.splat.res2net_chain_backward, back)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_op_eval_without_saved_outputs(backend):
+    """Inference (save_y=False) returns the same output as with y kept for the backward."""
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in chain_args(False, False)]
+    with torch.no_grad():
+        kept = res2net_chain(*args, save_y=True, backend=backend)
+        lean = res2net_chain(*args, save_y=False, backend=backend)
+    for a, b in zip(kept, lean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_deterministic(backend):
+    """Statistics and weight gradients go through fixed-order partials: runs agree bitwise."""
+    args = chain_args(True, True, stride=2)
+    results = []
+    for _ in range(2):
+        out, mean, var = res2net_chain(*args, backend=backend)
+        grads = torch.autograd.grad(out.sum(), args[:4])
+        results.append((out, mean, var, *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch"]))
+def test_torch_compile_fullgraph(backend):
+    _, fused, inplanes = make_pair("normal-4s", backend)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    for step in range(2):
+        x = rand(2, inplanes, 5, 6, layout=LAYOUTS[step])
+        out, dx, _ = run(compiled, x)
+        grads = {n: p.grad for n, p in fused.named_parameters()}
+        exp_out, exp_dx, exp_grads = run(eager, x)
+        torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, exp_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+    for (name, b), (_, e) in zip(fused.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("name", ["normal-4s", "stage-4s-s2", "timm-stage-card"])
+def test_state_dict_round_trip(name):
+    """The constructor builds the original's keys and shapes; state_dicts load unchanged both ways."""
+    factory, inplanes = CONFIGS[name]
+    ref = randomize_bn(factory()).double().eval()
+    if isinstance(ref, Bottle2neck):
+        planes = ref.conv3.out_channels // 4
+        fused = FusedBottle2neck(
+            inplanes, planes, ref.convs[0].stride[0], copy.deepcopy(ref.downsample),
+            baseWidth=64 * ref.width // planes, scale=ref.scale, stype=ref.stype, backend="torch",
+        ).double().eval()
+    else:
+        fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend="torch")
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = rand(2, inplanes, 5, 6)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    back = randomize_bn(factory()).double().eval()
+    back.load_state_dict(torch.load(buffer), strict=True)
+    torch.testing.assert_close(back(x), ref(x), rtol=0, atol=0)
+
+
+def test_from_module_keeps_mode_device_dtype():
+    ref = Bottle2neck(8, 4, scale=3).float().eval()
+    fused = FusedBottle2neck.from_module(ref)
+    assert not fused.training and fused.conv1.weight.dtype == torch.float32
+    assert (fused.width, fused.scale, fused.stype) == (ref.width, 3, "normal")
+    timm = TimmBottle2neck(8, 4, stride=2, cardinality=2, base_width=20, scale=2, dilation=3)
+    fused = FusedBottle2neck.from_module(timm)
+    assert (fused.width, fused.stype, fused.cardinality, fused.dilation, fused.stride) == (timm.width, "stage", 2, 3, 2)
+
+
+def test_from_module_rejects_unsupported():
+    with pytest.raises(ValueError, match="se is set"):
+        FusedBottle2neck.from_module(TimmBottle2neck(8, 4, attn_layer=lambda c: nn.Sigmoid()))
+    with pytest.raises(ValueError, match="relu is GELU"):
+        FusedBottle2neck.from_module(TimmBottle2neck(8, 4, act_layer=lambda inplace: nn.GELU()))
+    with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
+        FusedBottle2neck.from_module(TimmBottle2neck(8, 4, norm_layer=lambda c: nn.GroupNorm(1, c)))
+    with pytest.raises(TypeError, match="neither"):
+        FusedBottle2neck.from_module(nn.Conv2d(4, 4, 1))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch(train):
+    """An empty batch gives an empty output, and BN counts it as the reference's BN does."""
+    ref, fused, inplanes = make_pair("stage-4s-s2", "auto", torch.float32, train)
+    x = rand(0, inplanes, 7, 7, dtype=torch.float32)
+    out = fused(x)
+    assert out.shape == ref(x).shape == (0, 16, 4, 4)
+    for (name, b), (_, e) in zip(fused.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, e, msg=name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_op_empty_batch(backend):
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in chain_args(True, True, stride=2)]
+    args[0] = args[0][:0]
+    out, mean, var = res2net_chain(*args, backend=backend)
+    assert out.shape == (0, 12, 2, 3)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast_output_dtype(train):
+    """Under autocast the fused module returns the dtype (and about the values) the reference returns."""
+    ref, fused, inplanes = make_pair("normal-4s", "auto", torch.float32, train)
+    x = rand(2, inplanes, 6, 6, dtype=torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, exp = fused(x), ref(x)
+    assert out.dtype == exp.dtype
+    torch.testing.assert_close(out.float(), exp.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_input(backend):
+    ref, fused, _ = make_pair("normal-4s", backend, train=False)
+    x = rand(2, 32, 7, 9)[:, ::2, 1:, ::2]
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_bad_input():
+    fused = FusedBottle2neck(16, 4, backend="torch").to(DEVICE)
+    x = rand(2, 16, 5, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        fused(x[0])
+    with pytest.raises(ValueError, match="input has 8 channels, expected in_channels=16"):
+        fused(x[:, :8])
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        fused(x.long())
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        fused(x.double())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(x[:1, :, :1, :1])
+    with pytest.raises(ValueError, match="stype must be one of"):
+        FusedBottle2neck(16, 4, stype="first")
+    with pytest.raises(ValueError, match="scale must be a positive int"):
+        FusedBottle2neck(16, 4, scale=0)
+    with pytest.raises(ValueError, match="stride > 1 needs stype='stage'"):
+        FusedBottle2neck(16, 4, stride=2)
+    with pytest.raises(ValueError, match="branch width of 0"):
+        FusedBottle2neck(16, 1, baseWidth=26)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedBottle2neck(16, 4, backend="fastest")
+    fused.bns[1].eval()
+    with pytest.raises(ValueError, match="share eps and train/eval mode"):
+        fused(x)
+
+
+def test_op_bad_input():
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in chain_args(False, True)]
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        res2net_chain(args[0][0], *args[1:])
+    with pytest.raises(ValueError, match="weight must have shape"):
+        res2net_chain(args[0], args[1][:, :1], *args[2:])
+    with pytest.raises(TypeError, match="weight dtype"):
+        res2net_chain(args[0], args[1].float(), *args[2:])
+    with pytest.raises(ValueError, match="scale=5 must divide"):
+        res2net_chain(*args[:7], 5, *args[8:])
+    with pytest.raises(ValueError, match="groups=3 must divide width"):
+        res2net_chain(*args[:11], 3, args[12])
+    with pytest.raises(ValueError, match="stride > 1 needs stage=True"):
+        res2net_chain(*args[:9], 2, *args[10:])
+    with pytest.raises(ValueError, match="gamma must have 8 elements"):
+        res2net_chain(args[0], args[1], args[2][:4], *args[3:])
+    with pytest.raises(TypeError, match="running_var must be torch.float64"):
+        res2net_chain(*args[:5], args[5].float(), *args[6:])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        res2net_chain(*args, backend="fast")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU-only error")
+def test_cuda_backend_on_cpu_raises():
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        FusedBottle2neck(16, 4, backend="cuda")(rand(2, 16, 5, 5, dtype=torch.float32))
