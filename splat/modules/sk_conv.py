@@ -19,11 +19,12 @@ kernels (the 3x3 zero-padded); timm's 3x3 dilation-2 path becomes a 5x5 kernel w
 other position. Every branch is centred (padding = dilation*(k-1)/2), so the zero taps add exact
 zeros and the result equals the per-branch convolutions.
 
-- timm's ``split_input`` (skresnet*, skresnext50_32x4d): branch i reads its own input slice, so
+- timm's ``split_input`` (skresnet18, skresnet34): branch i reads its own input slice, so
   the combined conv has M*G groups and writes the channels branch-major, exactly the split-attention
   layout (branch i at [i*C, (i+1)*C)).
-- branches reading the whole input (the original SKConv, ``split_input=False``) with G groups: a
-  conv with G groups writes group-major, (group k, branch i, channel j) at k*M*C/G + i*C/G + j.
+- branches reading the whole input (the original SKConv; timm's ``split_input=False``, as in
+  skresnext50_32x4d) with G groups: a conv with G groups writes group-major, (group k,
+  branch i, channel j) at k*M*C/G + i*C/G + j.
   Instead of permuting that buffer, the ops take it as is (their ``groups`` argument), the folded BN
   vectors are gathered into that order (``batch_norm_scale_shift(order=...)``) and so are the logits.
 
@@ -31,7 +32,7 @@ Why not M convolutions plus a concatenation: the cat (or stack) writes and re-re
 M*C-channel activation once more in the forward and splits its gradient again in the backward,
 plus M conv launches instead of one. The zero taps cost FLOPs instead: for SKConv M=2 34 -> 50
 taps (1.5x), M=3 83 -> 147 (1.8x); for timm's dilated 3x3 pair 18 -> 50 (2.8x). These are grouped
-convolutions with few channels per group (skresnext50: 2 input channels a group), whose kernels
+convolutions with few channels per group (skresnext50_32x4d: 4 input channels a group), whose kernels
 are bound by memory and launch latency rather than arithmetic, and cuDNN's dense kernels are
 usually faster than its dilated ones, so paying in FLOPs for one launch and one buffer is the
 better trade there; for wide dense groups (G=1 and many channels) the extra FLOPs could dominate,
