@@ -61,7 +61,6 @@ import datetime
 import itertools
 import json
 import math
-import os
 import re
 import statistics
 import sys

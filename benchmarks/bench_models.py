@@ -28,7 +28,6 @@ Needs a CUDA GPU and timm; where either is missing it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os

@@ -1,9 +1,12 @@
-"""Shared test utilities: devices, backends, dtypes and tolerances."""
+"""Shared test utilities: devices, backends, dtypes, tolerances, module comparisons."""
+
+import copy
 
 import pytest
 import torch
 
 import splat
+from splat import _layout
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,3 +56,74 @@ def assert_close(actual, expected, dtype, reference_low=None, name=""):
     err = (actual - expected).abs().max().item()
     floor = FLOOR[dtype] * max(expected.abs().max().item(), 1.0)
     assert err <= 3 * ref_err + floor, f"{name}: error {err:.3g} > 3 x reference error {ref_err:.3g} + {floor:.3g}"
+
+
+def randomize_bn(module):
+    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+            if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats:
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def run_module(module, x):
+    """Forward and backward of ``module`` on a fresh leaf copy of x: (out, dx, {param name: grad})."""
+    x = x.detach().requires_grad_()
+    out = module(x)
+    # By logical shape: randn_like would fill a channels_last output in memory order.
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}
+
+
+def compare_modules(ref, fused, x, dtype, ref_low=None, steps=1):
+    """``fused`` against the float64 copy of ``ref``: output (dtype and layout too), input and
+    parameter gradients, and every buffer after ``steps`` training or eval passes.
+
+    ``ref_low``: the reference in ``dtype``, whose own error bounds the fused module's.
+    """
+    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
+    for step in range(steps):
+        xs = x if step == 0 else rand(*x.shape, dtype=dtype, layout=_layout.memory_format(x))
+        for module in (fused, ref64, ref_low):
+            if module is not None:
+                module.zero_grad(set_to_none=True)
+        out, dx, grads = run_module(fused, xs)
+        exp_out, exp_dx, exp_grads = run_module(ref64, xs.double())
+        low = run_module(ref_low, xs) if ref_low is not None else (None, None, {})
+    assert out.dtype == (low[0].dtype if low[0] is not None else dtype)
+    assert out.is_contiguous(memory_format=_layout.memory_format(x)), "output must keep the input layout"
+    assert_close(out, exp_out, dtype, low[0], "output")
+    assert_close(dx, exp_dx, dtype, low[1], "input grad")
+    assert grads.keys() == exp_grads.keys()
+    for name, g in grads.items():
+        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
+    buffers = dict(ref64.named_buffers())
+    assert dict(fused.named_buffers()).keys() == buffers.keys()
+    for name, b in fused.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == int(buffers[name]), name
+        else:
+            assert_close(b.to(buffers[name].dtype), buffers[name], dtype, buffers[name], f"buffer {name}")
+
+
+def check_rejects_bad_input(module, in_channels):
+    """The input checks every fused block makes (``module`` in training mode, on DEVICE, float32)."""
+    x = rand(2, in_channels, 5, 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        module(x[0])
+    with pytest.raises(ValueError, match=f"input has {in_channels // 2} channels, expected in_channels={in_channels}"):
+        module(x[:, : in_channels // 2])
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        module(x.long())
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        module(x.cpu().numpy())
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        module(x.double())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        module(x[:1, :, :1, :1])

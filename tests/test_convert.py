@@ -9,7 +9,7 @@ from torch import nn
 
 import splat
 from splat.convert import ConversionReport, convert
-from tests.helpers import DEVICE, LAYOUTS, rand
+from tests.helpers import DEVICE, LAYOUTS, rand, randomize_bn
 from tests.reference import res2net as ref_res2net
 from tests.reference.sk import SelectiveKernel, SKConv
 from tests.reference.splat import SplAtConv2d, SplitAttn
@@ -32,17 +32,6 @@ class SplitAttnLike(nn.Module):
 
     def forward(self, x):
         return self.conv(x) * torch.sigmoid(self.fc2(self.fc1(x.mean((2, 3), keepdim=True))))
-
-
-def randomize_bn(module):
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def small_net():

@@ -14,7 +14,9 @@ from torch import nn
 import splat
 from splat.modules.res2net import FusedBottle2neck
 from splat.ops.res2net_chain import res2net_chain
-from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.helpers import (
+    BACKENDS, DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+)
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
 
 NHWC = torch.channels_last
@@ -44,59 +46,11 @@ CONFIGS = {
 TRITON_FLOAT32 = ("normal-4s", "timm-stage-card")
 
 
-def randomize_bn(module):
-    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 def make_pair(name, backend, dtype=torch.float64, train=True):
     factory, inplanes = CONFIGS[name]
     ref = randomize_bn(factory()).to(DEVICE, dtype).train(train)
     fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
     return ref, fused, inplanes
-
-
-def run(module, x):
-    x = x.detach().requires_grad_()
-    out = module(x)
-    # By logical shape: randn_like would fill a channels_last output in memory order.
-    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
-    out.backward(grad_out.to(out.dtype))
-    return out, x.grad, {n: p.grad for n, p in module.named_parameters()}
-
-
-def compare(ref, fused, x, dtype, ref_low=None, steps=1):
-    """Outputs, input and parameter gradients, and every buffer after ``steps`` forward passes."""
-    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
-    for step in range(steps):
-        xs = x if step == 0 else rand(*x.shape, dtype=dtype, layout=splat._layout.memory_format(x))
-        for module in (fused, ref64, ref_low):
-            if module is not None:
-                module.zero_grad(set_to_none=True)
-        out, dx, grads = run(fused, xs)
-        exp_out, exp_dx, exp_grads = run(ref64, xs.double())
-        low = run(ref_low, xs) if ref_low is not None else (None, None, {})
-    assert out.dtype == dtype
-    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
-    assert_close(out, exp_out, dtype, low[0], "output")
-    assert_close(dx, exp_dx, dtype, low[1], "input grad")
-    assert grads.keys() == exp_grads.keys()
-    for name, g in grads.items():
-        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
-    buffers = dict(ref64.named_buffers())
-    assert dict(fused.named_buffers()).keys() == buffers.keys()
-    for name, b in fused.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            assert int(b) == int(buffers[name]), name
-        else:
-            assert_close(b.to(buffers[name].dtype), buffers[name], dtype, buffers[name], f"buffer {name}")
 
 
 def module_cases():
@@ -120,7 +74,7 @@ def module_cases():
 def test_matches_reference(backend, dtype, name, train, layout):
     ref, fused, inplanes = make_pair(name, backend, dtype, train)
     ref_low = copy.deepcopy(ref) if dtype != torch.float64 else None
-    compare(ref, fused, rand(2, inplanes, 5, 6, dtype=dtype, layout=layout), dtype, ref_low, steps=2 if train else 1)
+    compare_modules(ref, fused, rand(2, inplanes, 5, 6, dtype=dtype, layout=layout), dtype, ref_low, steps=2 if train else 1)
 
 
 @pytest.mark.gpu
@@ -131,7 +85,7 @@ def test_matches_reference(backend, dtype, name, train, layout):
 def test_matches_reference_low_precision(backend, dtype, name, layout):
     ref, fused, inplanes = make_pair(name, backend, dtype)
     ref_low = copy.deepcopy(ref)
-    compare(ref, fused, rand(4, inplanes, 14, 14, dtype=dtype, layout=layout), dtype, ref_low)
+    compare_modules(ref, fused, rand(4, inplanes, 14, 14, dtype=dtype, layout=layout), dtype, ref_low)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -141,12 +95,12 @@ def test_momentum_none_and_frozen_stats(backend):
     for module in (ref, fused):
         for bn in module.bns:
             bn.momentum = None
-    compare(ref, fused, rand(2, inplanes, 4, 5), torch.float64, steps=3)
+    compare_modules(ref, fused, rand(2, inplanes, 4, 5), torch.float64, steps=3)
     ref = Bottle2neck(16, 4, scale=3).double().eval()
     for i, bn in enumerate(ref.bns):
         ref.bns[i] = nn.BatchNorm2d(bn.num_features, track_running_stats=False).double().eval()
     fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
-    compare(ref, fused, rand(2, 16, 4, 5), torch.float64)
+    compare_modules(ref, fused, rand(2, 16, 4, 5), torch.float64)
 
 
 def test_tiles_and_splits(monkeypatch):
@@ -159,10 +113,10 @@ def test_tiles_and_splits(monkeypatch):
     monkeypatch.setattr(kernels, "PIXELS_PER_SPLIT", 40)
     ref = Bottle2neck(64, 16, baseWidth=80, scale=2).double()
     fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend="triton")
-    compare(ref, fused, rand(2, 64, 7, 9, layout=NHWC), torch.float64)
+    compare_modules(ref, fused, rand(2, 64, 7, 9, layout=NHWC), torch.float64)
     ref = Bottle2neck(8, 2, baseWidth=128, scale=3).float()
     fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend="triton")
-    compare(ref, fused, rand(3, 8, 9, 10, dtype=torch.float32), torch.float32, copy.deepcopy(ref))
+    compare_modules(ref, fused, rand(3, 8, 9, 10, dtype=torch.float32), torch.float32, copy.deepcopy(ref))
 
 
 def chain_args(stage, batch_stats, scale=3, width=4, groups=2, stride=1, dilation=1, layout=torch.contiguous_format,
@@ -242,9 +196,9 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(fused, fullgraph=True)
     for step in range(2):
         x = rand(2, inplanes, 5, 6, layout=LAYOUTS[step])
-        out, dx, _ = run(compiled, x)
+        out, dx, _ = run_module(compiled, x)
         grads = {n: p.grad for n, p in fused.named_parameters()}
-        exp_out, exp_dx, exp_grads = run(eager, x)
+        exp_out, exp_dx, exp_grads = run_module(eager, x)
         torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
         for name, g in grads.items():
@@ -338,17 +292,7 @@ def test_non_contiguous_input(backend):
 
 def test_bad_input():
     fused = FusedBottle2neck(16, 4, backend="torch").to(DEVICE)
-    x = rand(2, 16, 5, 5, dtype=torch.float32)
-    with pytest.raises(ValueError, match="input must be 4-D"):
-        fused(x[0])
-    with pytest.raises(ValueError, match="input has 8 channels, expected in_channels=16"):
-        fused(x[:, :8])
-    with pytest.raises(TypeError, match="input must be a floating-point"):
-        fused(x.long())
-    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
-        fused(x.double())
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        fused(x[:1, :, :1, :1])
+    check_rejects_bad_input(fused, 16)
     with pytest.raises(ValueError, match="stype must be one of"):
         FusedBottle2neck(16, 4, stype="first")
     with pytest.raises(ValueError, match="scale must be a positive int"):
@@ -360,8 +304,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match="backend must be one of"):
         FusedBottle2neck(16, 4, backend="fastest")
     fused.bns[1].eval()
-    with pytest.raises(ValueError, match="share eps and train/eval mode"):
-        fused(x)
 
 
 def test_op_bad_input():

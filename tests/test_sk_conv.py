@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import splat
 from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
 from splat.ops import attention_sum, radix_pool
-from tests.helpers import DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.helpers import (
+    DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+)
 from tests.reference.sk import SelectiveKernel, SKConv
 
 # SKConv(features, WH, M, G, r, stride, L): branches reading the whole input, grouped (the buffer
@@ -33,18 +34,6 @@ TIMM_CONFIGS = {
 }
 
 
-def randomize_bn(module):
-    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 def make_sk(name, backend, dtype=torch.float64):
     config = SK_CONFIGS[name]
     ref = randomize_bn(SKConv(**config)).to(DEVICE, dtype)
@@ -59,32 +48,6 @@ def make_timm(name, backend, dtype=torch.float64):
     return ref, fused, TIMM_CONFIGS[name]["in_channels"]
 
 
-def run(module, x):
-    x = x.detach().requires_grad_()
-    out = module(x)
-    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
-    out.backward(grad_out.to(out.dtype))
-    return out, x.grad, {n: p.grad for n, p in module.named_parameters()}
-
-
-def compare(ref, fused, x, dtype, ref_low=None):
-    out, dx, grads = run(fused, x)
-    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
-    exp_out, exp_dx, exp_grads = run(ref64, x.double())
-    low = run(ref_low, x) if ref_low is not None else (None, None, {})
-    assert out.dtype == exp_out.to(dtype).dtype
-    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
-    assert_close(out, exp_out, dtype, low[0], "output")
-    assert_close(dx, exp_dx, dtype, low[1], "input grad")
-    assert grads.keys() == exp_grads.keys()
-    for name, g in grads.items():
-        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
-    ref_buffers = dict(ref64.named_buffers())
-    assert dict(fused.named_buffers()).keys() == ref_buffers.keys()
-    for name, b in fused.named_buffers():
-        assert_close(b.to(ref_buffers[name].dtype), ref_buffers[name], dtype, ref_buffers[name], f"buffer {name}")
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", list(SK_CONFIGS))
@@ -93,7 +56,7 @@ def test_skconv_matches_reference_float64(backend, name, layout, train):
     ref, fused, channels = make_sk(name, backend)
     ref.train(train)
     fused.train(train)
-    compare(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
+    compare_modules(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -105,7 +68,7 @@ def test_selective_kernel_matches_reference_float64(backend, name, layout, train
     assert isinstance(fused, FusedSelectiveKernel)
     ref.train(train)
     fused.train(train)
-    compare(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
+    compare_modules(ref, fused, rand(2, channels, 7, 6, layout=layout), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float64], ids=str)
@@ -115,7 +78,7 @@ def test_selective_kernel_matches_reference_float64(backend, name, layout, train
 def test_matches_reference_low_precision(backend, make, name, layout, dtype):
     ref, fused, channels = make(name, backend, dtype)
     ref_low = copy.deepcopy(ref)
-    compare(ref, fused, rand(4, channels, 9, 9, dtype=dtype, layout=layout), dtype, ref_low)
+    compare_modules(ref, fused, rand(4, channels, 9, 9, dtype=dtype, layout=layout), dtype, ref_low)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
@@ -227,8 +190,8 @@ def test_torch_compile_fullgraph(make, name):
     compiled = torch.compile(fused, fullgraph=True)
     for step in range(2):
         x = rand(2, channels, 6, 6, layout=LAYOUTS[step])
-        out, dx, grads = run(compiled, x)
-        exp_out, exp_dx, exp_grads = run(eager, x)
+        out, dx, grads = run_module(compiled, x)
+        exp_out, exp_dx, exp_grads = run_module(eager, x)
         torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
         for n, g in grads.items():
@@ -256,19 +219,7 @@ def test_empty_batch():
 
 def test_bad_input():
     _, fused, _ = make_sk("m2g2", "auto", torch.float32)
-    x = rand(2, 8, 5, 5, dtype=torch.float32)
-    with pytest.raises(ValueError, match="input must be 4-D"):
-        fused(x[0])
-    with pytest.raises(ValueError, match="input has 4 channels, expected in_channels=8"):
-        fused(x[:, :4])
-    with pytest.raises(TypeError, match="input must be a floating-point"):
-        fused(x.long())
-    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
-        fused(x.numpy())
-    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
-        fused(x.double())
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        fused(x[:1, :, :1, :1])
+    check_rejects_bad_input(fused, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         FusedSKConv(8, None, 2, 2, 2, backend="fastest")
     with pytest.raises(ValueError, match="G=3 must divide features=8"):

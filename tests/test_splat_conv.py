@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import splat
-from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.helpers import (
+    BACKENDS, DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+)
 from tests.reference import SplAtConv2d, SplitAttn
 
 BN = nn.BatchNorm2d
@@ -33,49 +35,11 @@ CONFIGS = {
 }
 
 
-def randomize_bn(module):
-    """Non-trivial BN parameters and running statistics, so eval mode tests something."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 def make_pair(config, backend, dtype=torch.float64):
     ref = randomize_bn(SplAtConv2d(**config)).to(DEVICE, dtype)
     fused = splat.FusedSplAtConv2d(**config, backend=backend).to(DEVICE, dtype)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
-
-
-def run(module, x):
-    x = x.detach().requires_grad_()
-    out = module(x)
-    # By logical shape: randn_like would fill a channels_last output in memory order.
-    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device)
-    grad_out = grad_out.to(out.dtype)
-    out.backward(grad_out)
-    return out, x.grad, {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}
-
-
-def compare(ref, fused, x, dtype, ref_low=None):
-    out, dx, grads = run(fused, x)
-    ref64 = copy.deepcopy(ref).double() if dtype != torch.float64 else ref
-    exp_out, exp_dx, exp_grads = run(ref64, x.double())
-    low = run(ref_low, x) if ref_low is not None else (None, None, {})
-    assert out.dtype == exp_out.to(dtype).dtype
-    assert out.is_contiguous(memory_format=splat._layout.memory_format(x)), "output must keep the input layout"
-    assert_close(out, exp_out, dtype, low[0], "output")
-    assert_close(dx, exp_dx, dtype, low[1], "input grad")
-    for name, g in grads.items():
-        assert_close(g, exp_grads[name], dtype, low[2].get(name), f"grad of {name}")
-    for (name, b), (_, b_ref) in zip(fused.named_buffers(), ref64.named_buffers()):
-        assert_close(b.to(b_ref.dtype), b_ref, dtype, b_ref, f"buffer {name}")
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -87,7 +51,7 @@ def test_matches_reference_float64(backend, name, layout, train):
     ref.train(train)
     fused.train(train)
     x = rand(2, CONFIGS[name]["in_channels"], 7, 6, layout=layout)
-    compare(ref, fused, x, torch.float64)
+    compare_modules(ref, fused, x, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float64], ids=str)
@@ -98,7 +62,7 @@ def test_matches_reference_low_precision(backend, name, layout, dtype):
     ref, fused = make_pair(CONFIGS[name], backend, dtype)
     ref_low = copy.deepcopy(ref)
     x = rand(4, CONFIGS[name]["in_channels"], 9, 9, dtype=dtype, layout=layout)
-    compare(ref, fused, x, dtype, ref_low)
+    compare_modules(ref, fused, x, dtype, ref_low)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -173,8 +137,8 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(fused, fullgraph=True)
     for step in range(2):
         x = rand(2, 16, 6, 6, layout=LAYOUTS[step])
-        out, dx, grads = run(compiled, x)
-        exp_out, exp_dx, exp_grads = run(eager, x)
+        out, dx, grads = run_module(compiled, x)
+        exp_out, exp_dx, exp_grads = run_module(eager, x)
         torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
         for name, g in grads.items():
@@ -205,17 +169,7 @@ def test_empty_batch():
 
 def test_bad_input():
     fused = splat.FusedSplAtConv2d(**CONFIGS["resnest"]).to(DEVICE)
-    x = rand(2, 16, 5, 5, dtype=torch.float32)
-    with pytest.raises(ValueError, match="input must be 4-D"):
-        fused(x[0])
-    with pytest.raises(ValueError, match="input has 8 channels, expected in_channels=16"):
-        fused(x[:, :8])
-    with pytest.raises(TypeError, match="input must be a floating-point"):
-        fused(x.long())
-    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
-        fused(x.double())
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        fused(x[:1, :, :1, :1])
+    check_rejects_bad_input(fused, 16)
     with pytest.raises(ValueError, match="backend must be one of"):
         splat.FusedSplAtConv2d(16, 8, 3, backend="fastest")
     with pytest.raises(ValueError, match="dropblock_prob"):
@@ -285,7 +239,7 @@ def test_property_random_configs(backend, case):
     fused.train(train)
     if train and config["norm_layer"] and shape[0] == 1:
         return  # bn1 sees one 1x1 sample per channel: the reference raises too
-    compare(ref, fused, rand(*shape, layout=layout), torch.float64)
+    compare_modules(ref, fused, rand(*shape, layout=layout), torch.float64)
 
 
 def test_backends_report():
