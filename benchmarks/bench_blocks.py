@@ -578,8 +578,8 @@ class Bench:
         logits = torch.randn(B, R * C, device=dev)  # fc2 output, float32 under autocast
         attn = ops.radix_softmax(logits, R, K, backend)
         mean, var = ops.channel_stats(y, backend)
-        gap = ops.radix_pool(y, scale, shift, R, backend)
-        out = ops.attention_sum(y, scale, shift, attn, R, backend)
+        gap = ops.radix_pool(y, scale, shift, R, 1, backend)
+        out = ops.attention_sum(y, scale, shift, attn, R, 1, backend)
         dgap = torch.randn_like(gap)
         dattn = torch.randn_like(attn)
         dout = torch.randn_like(out)
@@ -587,12 +587,12 @@ class Bench:
         return [
             ("channel_stats", "fwd", ops.channel_stats, (y, backend)),
             ("channel_stats", "bwd", ops.channel_stats_backward, (dmean, dvar, y, mean, backend)),
-            ("radix_pool", "fwd", ops.radix_pool, (y, scale, shift, R, backend)),
-            ("radix_pool", "bwd", ops.radix_pool_backward, (dgap, y, scale, shift, R, backend)),
+            ("radix_pool", "fwd", ops.radix_pool, (y, scale, shift, R, 1, backend)),
+            ("radix_pool", "bwd", ops.radix_pool_backward, (dgap, y, scale, shift, R, 1, backend)),
             ("radix_softmax", "fwd", ops.radix_softmax, (logits, R, K, backend)),
             ("radix_softmax", "bwd", ops.radix_softmax_backward, (dattn, attn, R, K, backend)),
-            ("attention_sum", "fwd", ops.attention_sum, (y, scale, shift, attn, R, backend)),
-            ("attention_sum", "bwd", ops.attention_sum_backward, (dout, y, scale, shift, attn, R, backend)),
+            ("attention_sum", "fwd", ops.attention_sum, (y, scale, shift, attn, R, 1, backend)),
+            ("attention_sum", "bwd", ops.attention_sum_backward, (dout, y, scale, shift, attn, R, 1, backend)),
         ]
 
     def ops_one(self, cfg, dname, lname, backend):

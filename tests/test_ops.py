@@ -170,12 +170,14 @@ def opcheck_cases(backend):
     splat = torch.ops.splat
     saved = [t.detach() for t in (y, scale, shift, attn)]
     return [
-        (splat.radix_pool, (y, scale, shift, R, backend)),
-        (splat.radix_pool, (y_nhwc, scale, shift, R, backend)),
-        (splat.radix_pool_backward, (rand(B, C), *saved[:3], R, backend)),
-        (splat.attention_sum, (y, scale, shift, attn, R, backend)),
-        (splat.attention_sum, (y_nhwc, scale, shift, attn, R, backend)),
-        (splat.attention_sum_backward, (rand(B, C, H, W), *saved, R, backend)),
+        (splat.radix_pool, (y, scale, shift, R, 1, backend)),
+        (splat.radix_pool, (y_nhwc, scale, shift, R, 2, backend)),
+        (splat.radix_pool_backward, (rand(B, C), *saved[:3], R, 1, backend)),
+        (splat.radix_pool_backward, (rand(B, C), *saved[:3], R, 2, backend)),
+        (splat.attention_sum, (y, scale, shift, attn, R, 1, backend)),
+        (splat.attention_sum, (y_nhwc, scale, shift, attn, R, 2, backend)),
+        (splat.attention_sum_backward, (rand(B, C, H, W), *saved, R, 1, backend)),
+        (splat.attention_sum_backward, (rand(B, C, H, W), *saved, R, 2, backend)),
         (splat.radix_softmax, (rand(B, R * C, requires_grad=True), R, K, backend)),
         (splat.radix_softmax, (rand(B, C, requires_grad=True), 1, K, backend)),
         (splat.radix_softmax_backward, (rand(B, R * C), saved[3], R, K, backend)),
@@ -198,7 +200,7 @@ def test_deterministic(backend):
     """Reductions go through fixed-order partials: two runs on the same input agree bitwise."""
     y = rand(3, 16, 9, 9)
     scale, shift = bn_vectors(16, torch.float64)
-    args = (rand(3, 8, 9, 9), y, scale, shift, rand(3, 16), 2, backend)
+    args = (rand(3, 8, 9, 9), y, scale, shift, rand(3, 16), 2, 1, backend)
     first = torch.ops.splat.attention_sum_backward(*args)
     second = torch.ops.splat.attention_sum_backward(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

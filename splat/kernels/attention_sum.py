@@ -81,7 +81,7 @@ def _attention_sum_backward_kernel(
         tl.store(dattn_ptr + b * C * R + ch, tl.sum(acc_attn, axis=1), mask=c_mask)
 
 
-def attention_sum_forward(y, scale, shift, attn, radix, groups=1):
+def attention_sum_forward(y, scale, shift, attn, radix, groups):
     """y (B, R*C, H, W), attn (B, R*C) radix-major -> out (B, C, H, W) in y's layout.
 
     out's dtype is promote(y.dtype, attn.dtype), as the reference's multiply gives. ``groups``:
@@ -101,7 +101,7 @@ def attention_sum_forward(y, scale, shift, attn, radix, groups=1):
     return out
 
 
-def attention_sum_backward(dout, y, scale, shift, attn, radix, groups=1):
+def attention_sum_backward(dout, y, scale, shift, attn, radix, groups):
     """dout (B, C, H, W) in y's layout -> dy (like y), dscale, dshift (R*C,), dattn (like attn)."""
     B, RC, H, W = y.shape
     C = RC // radix

@@ -73,7 +73,7 @@ def _radix_pool_backward_kernel(
         tl.store(dshift_ptr + b * C * R + ch, tl.sum(acc_shift, axis=1), mask=c_mask)
 
 
-def radix_pool_forward(y, scale, shift, radix, groups=1):
+def radix_pool_forward(y, scale, shift, radix, groups):
     """y (B, R*C, H, W) dense NCHW/NHWC; scale, shift (R*C,) acc dtype -> gap (B, C) in y.dtype.
 
     ``groups``: y's channels are ordered (k, r, j), k < groups (1: radix-major).
@@ -91,7 +91,7 @@ def radix_pool_forward(y, scale, shift, radix, groups=1):
     return gap
 
 
-def radix_pool_backward(dgap, y, scale, shift, radix, groups=1):
+def radix_pool_backward(dgap, y, scale, shift, radix, groups):
     """dgap (B, C) -> dy (like y), dscale (R*C,), dshift (R*C,) in scale's dtype."""
     B, RC, H, W = y.shape
     C = RC // radix

@@ -53,8 +53,3 @@ def batch_rows(t: torch.Tensor, y: torch.Tensor, channels: int, name: str) -> No
     if tuple(t.shape) != (y.shape[0], channels):
         raise ValueError(f"{name} must have shape {(y.shape[0], channels)}, got {tuple(t.shape)}")
 
-
-def backend_groups(backend: str, groups: int) -> None:
-    """``groups`` > 1 (grouped channel order of y) is implemented by the torch and triton backends."""
-    if groups != 1 and backend not in ("torch", "triton"):
-        raise NotImplementedError(f"groups={groups} is not implemented by backend {backend!r}; use 'triton' or 'torch'")

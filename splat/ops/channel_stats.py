@@ -28,10 +28,18 @@ def _channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return _backend.call(backend, "channel_stats_forward", _torch_forward, y)
 
 
-@_channel_stats.register_fake
-def _(y, backend):
+def fake_forward(y):
+    """Shapes of the forward kernels (``splat_cuda::channel_stats_forward`` shares it)."""
     acc = _layout.acc_dtype(y.dtype)
     return y.new_empty(y.shape[1], dtype=acc), y.new_empty(y.shape[1], dtype=acc)
+
+
+def fake_backward(dmean, dvar, y, mean):
+    """Shapes of the backward kernels (``splat_cuda::channel_stats_backward`` shares it)."""
+    return _layout.empty(y.shape, y)
+
+
+_channel_stats.register_fake(lambda *args: fake_forward(*args[:-1]))
 
 
 @torch.library.custom_op("splat::channel_stats_backward", mutates_args=())
@@ -39,9 +47,7 @@ def _channel_stats_backward(dmean: Tensor, dvar: Tensor, y: Tensor, mean: Tensor
     return _backend.call(backend, "channel_stats_backward", _torch_backward, dmean, dvar, y, mean)
 
 
-@_channel_stats_backward.register_fake
-def _(dmean, dvar, y, mean, backend):
-    return _layout.empty(y.shape, y)
+_channel_stats_backward.register_fake(lambda *args: fake_backward(*args[:-1]))
 
 
 def _setup_context(ctx, inputs, output):

@@ -46,9 +46,17 @@ def _radix_softmax(logits: Tensor, radix: int, cardinality: int, backend: str) -
     return _backend.call(backend, "radix_softmax_forward", _torch_forward, logits, radix, cardinality)
 
 
-@_radix_softmax.register_fake
-def _(logits, radix, cardinality, backend):
+def fake_forward(logits, radix, cardinality):
+    """Shapes of the forward kernels (``splat_cuda::radix_softmax_forward`` shares it)."""
     return torch.empty_like(logits)
+
+
+def fake_backward(dattn, attn, radix, cardinality):
+    """Shapes of the backward kernels (``splat_cuda::radix_softmax_backward`` shares it)."""
+    return torch.empty_like(attn)
+
+
+_radix_softmax.register_fake(lambda *args: fake_forward(*args[:-1]))
 
 
 @torch.library.custom_op("splat::radix_softmax_backward", mutates_args=())
@@ -56,9 +64,7 @@ def _radix_softmax_backward(dattn: Tensor, attn: Tensor, radix: int, cardinality
     return _backend.call(backend, "radix_softmax_backward", _torch_backward, dattn, attn, radix, cardinality)
 
 
-@_radix_softmax_backward.register_fake
-def _(dattn, attn, radix, cardinality, backend):
-    return torch.empty_like(attn)
+_radix_softmax_backward.register_fake(lambda *args: fake_backward(*args[:-1]))
 
 
 def _setup_context(ctx, inputs, output):

@@ -127,15 +127,18 @@ def _res2net_chain(
     )
 
 
-@_res2net_chain.register_fake
-def _(x, weight, gamma, beta, running_mean, running_var, eps, scale, stage, stride, dilation, groups,
-      batch_stats, save_y, backend):
+def fake_forward(x, weight, gamma, beta, running_mean, running_var, eps, scale, stage, stride, dilation, groups,
+                 batch_stats, save_y):
+    """Shapes of the forward kernels (``splat_cuda::res2net_chain_forward`` shares it)."""
     B, C, H, W = x.shape
     Ho, Wo = output_size(H, stride), output_size(W, stride)
     acc = _layout.acc_dtype(x.dtype)
     y = _layout.empty((B, weight.shape[0], Ho, Wo), x) if save_y else x.new_empty(0)
     stats = (x.new_empty(weight.shape[0], dtype=acc), x.new_empty(weight.shape[0], dtype=acc))
     return (_layout.empty((B, C, Ho, Wo), x), y, *stats)
+
+
+_res2net_chain.register_fake(lambda *args: fake_forward(*args[:-1]))
 
 
 @torch.library.custom_op("splat::res2net_chain_backward", mutates_args=())
@@ -149,10 +152,12 @@ def _res2net_chain_backward(
     )
 
 
-@_res2net_chain_backward.register_fake
-def _(dout, x, weight, gamma, out, y, mean, var, eps, scale, stage, stride, dilation, groups, batch_stats,
-      backend):
+def fake_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale, stage, stride, dilation, groups, batch_stats):
+    """Shapes of the backward kernels (``splat_cuda::res2net_chain_backward`` shares it)."""
     return _layout.empty(x.shape, x), torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(gamma)
+
+
+_res2net_chain_backward.register_fake(lambda *args: fake_backward(*args[:-1]))
 
 
 def _setup_context(ctx, inputs, output):
