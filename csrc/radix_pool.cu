@@ -1,0 +1,259 @@
+// radix_pool: gap[b, c] = 1/HW * sum_r sum_hw relu(y[b, r*C + c, hw] * scale + shift) in one read
+// of y, and its backward.
+#include "common.cuh"
+
+namespace splat {
+namespace {
+
+// NCHW forward: one group per output (b, c) walks the R rows (b, r*C + c).
+template <typename T>
+__global__ void __launch_bounds__(kMaxBlock)
+    pool_forward_nchw(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
+                      const acc_t<T>* __restrict__ shift, T* __restrict__ gap, int64_t outputs, int64_t C,
+                      int64_t R, int64_t hw, int group) {
+  using A = acc_t<T>;
+  constexpr int V = vec_width<T>;
+  __shared__ A smem[kMaxBlock / 32];
+  const int lane = threadIdx.x % group;
+  const int64_t out = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  A sum = 0;
+  if (out < outputs) {
+    const int64_t b = out / C, c = out % C;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t ch = r * C + c;
+      const T* row = y + (b * R * C + ch) * hw;
+      const A s = scale[ch], t = shift[ch];
+      for_row<V>(hw, aligned_head<V>(hw, row), lane, group, [&](int64_t i, auto w) {
+        constexpr int W = decltype(w)::value;
+        const auto v = load<W>(row + i);
+#pragma unroll
+        for (int k = 0; k < W; ++k) sum += relu(affine(A(v.v[k]), s, t));
+      });
+    }
+  }
+  sum = group_reduce(sum, group, smem);
+  if (out < outputs && lane == 0) gap[out] = T(sum / A(hw));
+}
+
+// NHWC forward: a lane sums V contiguous channels over its pixels, one radix at a time; the
+// per-split sums (B, splits, C) are added up by the caller.
+template <typename T, int V>
+__global__ void __launch_bounds__(kBlock)
+    pool_forward_nhwc(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
+                      const acc_t<T>* __restrict__ shift, acc_t<T>* __restrict__ part, int64_t C, int64_t R,
+                      int64_t hw, NhwcPlan p) {
+  using A = acc_t<T>;
+  __shared__ A smem[kBlock * V];
+  const NhwcTile t = nhwc_tile(p, hw);
+  const int64_t c0 = (t.tile * p.tx + t.tx) * V;
+  A sum[V] = {};
+  if (c0 < C) {
+    for (int64_t r = 0; r < R; ++r) {
+      const T* col = y + t.batch * hw * R * C + r * C + c0;
+      A s[V], sh[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        s[k] = scale[r * C + c0 + k];
+        sh[k] = shift[r * C + c0 + k];
+      }
+#pragma unroll 4
+      for (int64_t i = t.begin + t.ty; i < t.end; i += p.ty) {
+        const auto v = load<V>(col + i * R * C);
+#pragma unroll
+        for (int k = 0; k < V; ++k) sum[k] += relu(affine(A(v.v[k]), s[k], sh[k]));
+      }
+    }
+  }
+  reduce_columns(sum, t, p, smem, [&](int col, A total) {
+    const int64_t c = t.tile * p.tx * V + col;
+    if (c < C) part[(t.batch * p.splits + t.split) * C + c] = total;
+  });
+}
+
+// NCHW backward: one group per row (b, ch) writes dy and the row's terms of dscale and dshift.
+template <typename T>
+__global__ void __launch_bounds__(kMaxBlock)
+    pool_backward_nchw(const acc_t<T>* __restrict__ dgap, const T* __restrict__ y,
+                       const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
+                       T* __restrict__ dy, acc_t<T>* __restrict__ dscale_part,
+                       acc_t<T>* __restrict__ dshift_part, int64_t rows, int64_t C, int64_t RC, int64_t hw,
+                       int group) {
+  using A = acc_t<T>;
+  constexpr int V = vec_width<T>;
+  __shared__ Sums<A, 2> smem[kMaxBlock / 32];
+  const int lane = threadIdx.x % group;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  Sums<A, 2> acc{};
+  A g = 0;
+  if (row < rows) {
+    const int64_t ch = row % RC;
+    g = dgap[row / RC * C + ch % C] / A(hw);
+    const A s = scale[ch], t = shift[ch], ds = g * s;
+    const T* yr = y + row * hw;
+    T* dr = dy + row * hw;
+    for_row<V>(hw, aligned_head<V>(hw, yr, dr), lane, group, [&](int64_t i, auto w) {
+      constexpr int W = decltype(w)::value;
+      const auto v = load<W>(yr + i);
+      Pack<T, W> d;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const A x = A(v.v[k]);
+        const bool on = affine(x, s, t) > A(0);
+        d.v[k] = T(on ? ds : A(0));
+        acc.v[0] += on ? x : A(0);
+        acc.v[1] += on ? A(1) : A(0);
+      }
+      store<W>(dr + i, d);
+    });
+  }
+  acc = group_reduce(acc, group, smem);
+  if (row < rows && lane == 0) {
+    dscale_part[row] = g * acc.v[0];
+    dshift_part[row] = g * acc.v[1];
+  }
+}
+
+// NHWC backward: a lane owns V contiguous channels of one radix slice; per-split terms of dscale
+// and dshift go to (B * splits, RC).
+template <typename T, int V>
+__global__ void __launch_bounds__(kBlock)
+    pool_backward_nhwc(const acc_t<T>* __restrict__ dgap, const T* __restrict__ y,
+                       const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
+                       T* __restrict__ dy, acc_t<T>* __restrict__ dscale_part,
+                       acc_t<T>* __restrict__ dshift_part, int64_t C, int64_t RC, int64_t hw, NhwcPlan p) {
+  using A = acc_t<T>;
+  __shared__ Sums<A, 2> smem[kBlock * V];
+  const NhwcTile t = nhwc_tile(p, hw);
+  const int64_t ch0 = (t.tile * p.tx + t.tx) * V;
+  Sums<A, 2> acc[V] = {};
+  if (ch0 < RC) {
+    A s[V], sh[V], ds[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t ch = ch0 + k;
+      s[k] = scale[ch];
+      sh[k] = shift[ch];
+      ds[k] = dgap[t.batch * C + ch % C] / A(hw) * s[k];
+    }
+    const int64_t offset = t.batch * hw * RC + ch0;
+#pragma unroll 4
+    for (int64_t i = t.begin + t.ty; i < t.end; i += p.ty) {
+      const auto v = load<V>(y + offset + i * RC);
+      Pack<T, V> d;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const A x = A(v.v[k]);
+        const bool on = affine(x, s[k], sh[k]) > A(0);
+        d.v[k] = T(on ? ds[k] : A(0));
+        acc[k].v[0] += on ? x : A(0);
+        acc[k].v[1] += on ? A(1) : A(0);
+      }
+      store<V>(dy + offset + i * RC, d);
+    }
+  }
+  reduce_columns(acc, t, p, smem, [&](int col, const Sums<A, 2>& total) {
+    const int64_t ch = t.tile * p.tx * V + col;
+    if (ch < RC) {
+      const A g = dgap[t.batch * C + ch % C] / A(hw);
+      const int64_t at = (t.batch * p.splits + t.split) * RC + ch;
+      dscale_part[at] = g * total.v[0];
+      dshift_part[at] = g * total.v[1];
+    }
+  });
+}
+
+void check_pool_inputs(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, int64_t radix) {
+  check_conv_output(y, radix);
+  check_channel_vector(scale, y, "scale");
+  check_channel_vector(shift, y, "shift");
+}
+
+at::Tensor radix_pool_forward(const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+                              int64_t radix) {
+  check_pool_inputs(y_in, scale_in, shift_in, radix);
+  const auto fmt = layout_of(y_in);
+  const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  if (y.numel() == 0) {  // a mean over no pixels is NaN, as in torch
+    return at::full({B, C}, std::numeric_limits<double>::quiet_NaN(), y.options());
+  }
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor gap;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "radix_pool_forward", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int V = vec_width<scalar_t>;
+    if (fmt == at::MemoryFormat::Contiguous) {
+      gap = at::empty({B, C}, y.options());
+      const RowPlan plan = plan_rows(B * C, hw, V, sm_count(y.get_device()));
+      pool_forward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
+          gap.mutable_data_ptr<scalar_t>(), B * C, C, radix, hw, plan.group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const bool vec = C % V == 0 && aligned(y.const_data_ptr());
+      const NhwcPlan plan = plan_nhwc(vec ? C / V : C, B, hw, sm_count(y.get_device()));
+      const at::Tensor part = at::empty({B, plan.splits, C}, scale.options());
+      const auto kernel = vec ? pool_forward_nhwc<scalar_t, V> : pool_forward_nhwc<scalar_t, 1>;
+      kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
+          part.mutable_data_ptr<A>(), C, radix, hw, plan);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gap = part.sum(1).div_(hw).to(y.scalar_type());
+    }
+  });
+  return gap;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Tensor& dgap_in,
+                                                                   const at::Tensor& y_in,
+                                                                   const at::Tensor& scale_in,
+                                                                   const at::Tensor& shift_in, int64_t radix) {
+  check_pool_inputs(y_in, scale_in, shift_in, radix);
+  check_on_device_of(dgap_in, y_in, "dgap", "y");
+  check_floating(dgap_in, "dgap");
+  check_shape(dgap_in, {y_in.size(0), y_in.size(1) / radix}, "dgap");
+  const auto fmt = layout_of(y_in);
+  const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const at::Tensor dgap = dgap_in.to(scale.scalar_type()).contiguous();
+  const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  const at::Tensor dy = at::empty(y.sizes(), y.options().memory_format(fmt));
+  if (y.numel() == 0) return {dy, at::zeros_like(scale), at::zeros_like(scale)};
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor dscale_part, dshift_part;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "radix_pool_backward", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int V = vec_width<scalar_t>;
+    if (fmt == at::MemoryFormat::Contiguous) {
+      dscale_part = at::empty({B, RC}, scale.options());
+      dshift_part = at::empty({B, RC}, scale.options());
+      const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
+      pool_backward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
+          dgap.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+          shift.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), dscale_part.mutable_data_ptr<A>(),
+          dshift_part.mutable_data_ptr<A>(), B * RC, C, RC, hw, plan.group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const bool vec = C % V == 0 && aligned(y.const_data_ptr());
+      const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
+      dscale_part = at::empty({B * plan.splits, RC}, scale.options());
+      dshift_part = at::empty({B * plan.splits, RC}, scale.options());
+      const auto kernel = vec ? pool_backward_nhwc<scalar_t, V> : pool_backward_nhwc<scalar_t, 1>;
+      kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
+          dgap.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
+          shift.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), dscale_part.mutable_data_ptr<A>(),
+          dshift_part.mutable_data_ptr<A>(), C, RC, hw, plan);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {dy, dscale_part.sum(0), dshift_part.sum(0)};
+}
+
+}  // namespace
+}  // namespace splat
+
+TORCH_LIBRARY_IMPL(splat_cuda, CUDA, m) {
+  m.impl("radix_pool_forward", &splat::radix_pool_forward);
+  m.impl("radix_pool_backward", &splat::radix_pool_backward);
+}

@@ -1,0 +1,27 @@
+// Schemas of the splat_cuda operators. Each csrc/*.cu registers its CUDA kernels for them with
+// TORCH_LIBRARY_IMPL; other files may add operators with TORCH_LIBRARY_FRAGMENT(splat_cuda, m).
+// The fake (meta) implementations are registered from Python, in splat/_cuda.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(splat_cuda, m) {
+  m.def("radix_pool_forward(Tensor y, Tensor scale, Tensor shift, int radix) -> Tensor");
+  m.def(
+      "radix_pool_backward(Tensor dgap, Tensor y, Tensor scale, Tensor shift, int radix)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("radix_softmax_forward(Tensor logits, int radix, int cardinality) -> Tensor");
+  m.def("radix_softmax_backward(Tensor dattn, Tensor attn, int radix, int cardinality) -> Tensor");
+  m.def("attention_sum_forward(Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix) -> Tensor");
+  m.def(
+      "attention_sum_backward(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_stats_forward(Tensor y) -> (Tensor, Tensor)");
+  m.def("channel_stats_backward(Tensor dmean, Tensor dvar, Tensor y, Tensor mean) -> Tensor");
+}
+
+// An empty Python module, so that the library built by setup.py loads with `import splat._C`
+// (importing it runs the registrations above).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,289 @@
+"""The C++/CUDA backend (``torch.ops.splat_cuda``) against the torch backend, op by op.
+
+Covers every op forward and backward, all dtypes, NCHW and channels_last, odd sizes, tensors whose
+data is not 16-byte aligned (storage offset of one element, so the scalar paths run), a second
+GPU, gradcheck in float64, opcheck of the raw ops, empty batches and input validation. On a machine
+without CUDA only the availability report is tested.
+"""
+
+import pytest
+import torch
+
+import splat
+from splat import _cuda, ops
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def gpu_test(fn):
+    return pytest.mark.gpu(needs_gpu(fn))
+
+
+@pytest.fixture
+def cuda_ops():
+    ok, why = splat.backends()["cuda"]
+    if not ok:
+        pytest.skip(f"the cuda backend is unavailable: {why}")
+    return torch.ops.splat_cuda
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+# (B, radix, cardinality, C, H, W): aligned vectors, C = 3*5 with 7x7, HW = 1, R = 4 / K = 2,
+# R = 1 / K = 4, R = 3, several NHWC channel tiles, rows long enough for 1024-lane groups.
+CASES = [
+    pytest.param((2, 2, 1, 16, 8, 8), id="aligned"),
+    pytest.param((3, 2, 3, 15, 7, 7), id="c15-7x7"),
+    pytest.param((3, 2, 3, 15, 1, 1), id="hw1"),
+    pytest.param((2, 4, 2, 8, 5, 3), id="r4k2"),
+    pytest.param((2, 1, 4, 12, 7, 7), id="r1k4"),
+    pytest.param((2, 3, 1, 24, 4, 4), id="r3"),
+    pytest.param((1, 2, 1, 136, 3, 3), id="c-tiles"),
+    pytest.param((2, 2, 1, 4, 100, 100), id="long-rows"),
+]
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make(shape, dtype, layout="nchw", offset=0, device="cuda", scale=1.0, shift=0.0):
+    """A dense tensor in `layout` whose data starts `offset` elements into its storage."""
+    if len(shape) == 4:
+        B, C, H, W = shape
+        strides = (C * H * W, H * W, W, 1) if layout == "nchw" else (H * W * C, 1, W * C, C)
+    else:
+        strides = torch.empty(shape, device="meta").stride()
+    numel = 1
+    for s in shape:
+        numel *= s
+    base = torch.randn(numel + offset, dtype=torch.float64, device=device) * scale + shift
+    return base.to(dtype).as_strided(shape, strides, offset)
+
+
+def bn_vectors(channels, dtype, device="cuda"):
+    acc = acc_dtype(dtype)
+    sign = torch.where(torch.rand(channels, device=device) < 0.2, -1.0, 1.0)
+    scale = ((torch.rand(channels, device=device) + 0.5) * sign).to(acc)
+    return scale, (torch.randn(channels, device=device) * 0.5).to(acc)
+
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_matches(actual, expected, name, min_tol=0.0):
+    """Same dtype, shape and layout; values within the output dtype's rounding, relative to its scale
+    (or within min_tol, for outputs computed in a narrower dtype than their own)."""
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.device == expected.device, f"{name}: device {actual.device} != {expected.device}"
+    if actual.dim() == 4:
+        assert actual.is_contiguous() == expected.is_contiguous(), f"{name}: layout {actual.stride()}"
+    tol = max(TOLERANCE[actual.dtype], min_tol)
+    scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, equal_nan=True, msg=name)
+
+
+def compare(fn, inputs, grad_offset, name, min_tol=0.0):
+    """fn(backend, *inputs) on "cuda" vs "torch": outputs, and gradients w.r.t. every floating input."""
+    results = {}
+    for backend in ("cuda", "torch"):
+        torch.manual_seed(1)  # the same output gradients for both
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        outs = fn(backend, *leaves)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        grads_out = [
+            make(o.shape, o.dtype, "nhwc" if not o.is_contiguous() else "nchw", grad_offset, device=o.device)
+            for o in outs
+        ]
+        grads = torch.autograd.grad(outs, leaves, grads_out)
+        results[backend] = (outs, grads)
+    for i, (a, e) in enumerate(zip(results["cuda"][0], results["torch"][0])):
+        assert_matches(a, e, f"{name} output {i}", min_tol)
+    for i, (a, e) in enumerate(zip(results["cuda"][1], results["torch"][1])):
+        assert_matches(a, e, f"{name} grad of input {i}", min_tol)
+
+
+def test_unavailable_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    ok, why = splat.backends()["cuda"]
+    assert ok is False and isinstance(why, str) and why
+    assert _cuda.status() == (ok, why)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _cuda.ops()
+    y = torch.randn(2, 8, 3, 3)
+    scale, shift = torch.rand(8), torch.rand(8)
+    with pytest.raises(RuntimeError, match="cuda"):
+        ops.radix_pool(y, scale, shift, 2, backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        ops.channel_stats(y, backend="cuda")
+
+
+@gpu_test
+def test_available_with_cuda():
+    ok, why = splat.backends()["cuda"]
+    assert ok, f"the cuda backend failed to load on a CUDA machine: {why}"
+
+
+@gpu_test
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
+    B, R, K, C, H, W = case
+    what = f"{case} {dtype} {layout} offset={offset}"
+    y = make((B, R * C, H, W), dtype, layout, offset)
+    scale, shift = bn_vectors(R * C, dtype)
+    logits = make((B, R * C), dtype, offset=offset, scale=3.0)
+    attn = ops.radix_softmax(logits, R, K, backend="torch").detach()
+
+    compare(lambda be, *a: ops.radix_pool(*a, R, backend=be), [y, scale, shift], offset, "radix_pool " + what)
+    compare(lambda be, x: ops.radix_softmax(x, R, K, backend=be), [logits], offset, "radix_softmax " + what)
+    compare(
+        lambda be, *a: ops.attention_sum(*a, R, backend=be), [y, scale, shift, attn], offset, "attention_sum " + what
+    )
+    # A mean far from zero: E[y^2] - E[y]^2 would lose the variance.
+    ys = make((B, R * C, H, W), dtype, layout, offset, shift=30.0)
+    compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], offset, "channel_stats " + what)
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_attention_sum_float32_weights(cuda_ops, dtype, layout):
+    """Under autocast attn is float32 while y is lower precision: out and dout are float32. A float64
+    attn gives float64 results that, as in the reference, are computed in y's accumulation dtype."""
+    y = make((2, 32, 9, 9), dtype, layout)
+    scale, shift = bn_vectors(32, dtype)
+    for attn_dtype in (torch.float32, torch.float64):
+        attn = torch.rand(2, 32, device="cuda", dtype=attn_dtype)
+        fn = lambda be, *a: ops.attention_sum(*a, 2, backend=be)  # noqa: E731
+        compare(fn, [y, scale, shift, attn], 0, f"attn {attn_dtype}", min_tol=TOLERANCE[torch.float32])
+
+
+@gpu_test
+def test_second_device(cuda_ops):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with torch.cuda.device(0):
+        for layout in LAYOUTS:
+            y = make((2, 32, 7, 7), torch.float32, layout, device="cuda:1")
+            scale, shift = bn_vectors(32, torch.float32, device="cuda:1")
+            attn = torch.rand(2, 32, device="cuda:1")
+            logits = torch.randn(2, 32, device="cuda:1")
+            compare(lambda be, *a: ops.radix_pool(*a, 2, backend=be), [y, scale, shift], 0, "radix_pool cuda:1")
+            compare(lambda be, *a: ops.attention_sum(*a, 2, backend=be), [y, scale, shift, attn], 0, "sum cuda:1")
+            compare(lambda be, x: ops.radix_softmax(x, 2, 2, backend=be), [logits], 0, "softmax cuda:1")
+            compare(lambda be, x: ops.channel_stats(x, backend=be), [y], 0, "channel_stats cuda:1")
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(cuda_ops, layout):
+    B, R, K, C, H, W = 2, 2, 2, 4, 3, 5
+    y = make((B, R * C, H, W), torch.float64, layout).requires_grad_()
+    scale, shift = (t.requires_grad_() for t in bn_vectors(R * C, torch.float64))
+    attn = torch.rand(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
+    gradcheck = torch.autograd.gradcheck
+    assert gradcheck(lambda *a: ops.radix_pool(*a, R, backend="cuda"), (y, scale, shift))
+    assert gradcheck(lambda *a: ops.attention_sum(*a, R, backend="cuda"), (y, scale, shift, attn))
+    assert gradcheck(lambda x: ops.radix_softmax(x, R, K, backend="cuda"), (logits,))
+    assert gradcheck(lambda x: ops.radix_softmax(x, 1, K, backend="cuda"), (logits,))
+    assert gradcheck(lambda x: ops.channel_stats(x, backend="cuda"), (y,))
+
+
+def op_samples(layout, dtype, attn_dtype=None):
+    """(op, args) for every torch.ops.splat_cuda op."""
+    B, R, K, C, H, W = 2, 2, 2, 8, 5, 3
+    acc = acc_dtype(dtype)
+    sc = torch.ops.splat_cuda
+    y = make((B, R * C, H, W), dtype, layout)
+    scale, shift = bn_vectors(R * C, dtype)
+    logits = make((B, R * C), dtype)
+    attn = torch.rand(B, R * C, device="cuda", dtype=attn_dtype or dtype)
+    out_dtype = torch.promote_types(dtype, attn.dtype)
+    mean = torch.randn(R * C, device="cuda", dtype=acc)
+    return [
+        (sc.radix_pool_forward, (y, scale, shift, R)),
+        (sc.radix_pool_backward, (make((B, C), dtype), y, scale, shift, R)),
+        (sc.radix_softmax_forward, (logits, R, K)),
+        (sc.radix_softmax_forward, (logits, 1, K)),
+        (sc.radix_softmax_backward, (make((B, R * C), dtype), attn.to(dtype), R, K)),
+        (sc.attention_sum_forward, (y, scale, shift, attn, R)),
+        (sc.attention_sum_backward, (make((B, C, H, W), out_dtype, layout), y, scale, shift, attn, R)),
+        (sc.channel_stats_forward, (y,)),
+        (sc.channel_stats_backward, (torch.randn_like(mean), torch.randn_like(mean), y, mean)),
+    ]
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(cuda_ops, dtype, layout):
+    """Schema, fake kernels (shapes, dtypes, strides) and compile tracing of the raw ops."""
+    samples = op_samples(layout, dtype)
+    if dtype == torch.bfloat16:
+        samples += [s for s in op_samples(layout, dtype, torch.float32) if "attention_sum" in str(s[0])]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(cuda_ops, layout):
+    sc = torch.ops.splat_cuda
+    y = torch.empty(0, 16, 4, 4, device="cuda").contiguous(memory_format=LAYOUTS[layout])
+    scale, shift = bn_vectors(16, torch.float32)
+    attn = torch.empty(0, 16, device="cuda")
+    assert sc.radix_pool_forward(y, scale, shift, 2).shape == (0, 8)
+    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device="cuda"), y, scale, shift, 2)
+    assert dy.shape == y.shape and not dscale.any() and not dshift.any()
+    assert sc.attention_sum_forward(y, scale, shift, attn, 2).shape == (0, 8, 4, 4)
+    dout = torch.empty(0, 8, 4, 4, device="cuda")
+    dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2)
+    assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
+    assert sc.radix_softmax_forward(attn, 2, 2).shape == (0, 16)
+    mean, var = sc.channel_stats_forward(y)
+    assert mean.shape == var.shape == (16,) and mean.isnan().all() and var.isnan().all()
+    assert sc.channel_stats_backward(mean, var, y, mean).shape == y.shape
+
+
+@gpu_test
+def test_deterministic(cuda_ops):
+    """Fixed-order partials: repeated runs agree bitwise, in both layouts."""
+    for layout in LAYOUTS:
+        y = make((4, 64, 28, 28), torch.float32, layout)
+        scale, shift = bn_vectors(64, torch.float32)
+        dout = make((4, 32, 28, 28), torch.float32, layout)
+        attn = torch.rand(4, 64, device="cuda")
+        sc = torch.ops.splat_cuda
+        for op, args in [
+            (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2)),
+            (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2)),
+            (sc.channel_stats_forward, (y,)),
+        ]:
+            first, second = op(*args), op(*args)
+            assert all(torch.equal(a, b) for a, b in zip(first, second)), (op, layout)
+
+
+@gpu_test
+def test_invalid_inputs(cuda_ops):
+    sc = torch.ops.splat_cuda
+    y = torch.randn(2, 16, 3, 3, device="cuda")
+    scale, shift = bn_vectors(16, torch.float32)
+    with pytest.raises(RuntimeError, match="radix=3 must divide"):
+        sc.radix_pool_forward(y, scale, shift, 3)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        sc.radix_pool_forward(y, scale.double(), shift, 2)
+    with pytest.raises(RuntimeError, match="4-D"):
+        sc.channel_stats_forward(y[0])
+    with pytest.raises(RuntimeError, match="cardinality=3 must divide"):
+        sc.radix_softmax_forward(torch.randn(2, 16, device="cuda"), 2, 3)
+    with pytest.raises(RuntimeError, match="attn must have shape"):
+        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device="cuda"), 2)
+    with pytest.raises(RuntimeError, match="is on cpu"):
+        sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device="cuda"), 2)
