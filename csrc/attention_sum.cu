@@ -1,5 +1,6 @@
 // attention_sum: out[b, c, hw] = sum_r attn[b, r*C + c] * relu(y[b, r*C + c, hw] * scale + shift),
-// reading y once and writing out once, and its backward.
+// reading y once and writing out once, and its backward. With groups K, channel r*C + c of the
+// formula (of y, scale, shift and attn) is grouped_first(c) + r*C/K (common.cuh).
 //
 // out has dtype promote(y, attn). The kernels write it either in y's dtype or in the accumulation
 // dtype (O below); a float64 result for low-precision y, which the reference also computes in
@@ -9,28 +10,29 @@
 namespace splat {
 namespace {
 
-// NCHW forward: one group per output row (b, c) combines the R rows (b, r*C + c) element by element.
+// NCHW forward: one group per output row (b, c) combines the R rows (b, grouped_first(c) + r*CG)
+// element by element.
 template <typename T, typename O>
 __global__ void __launch_bounds__(kMaxBlock)
     sum_forward_nchw(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                      const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, O* __restrict__ out,
-                     int64_t outputs, int64_t C, int64_t R, int64_t hw, int group) {
+                     int64_t outputs, int64_t C, int64_t R, Groups gs, int64_t hw, int group) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   if (row >= outputs) return;  // no reduction below, so idle lanes may leave
   const int lane = threadIdx.x % group;
-  const int64_t b = row / C, c = row % C;
-  const T* y0 = y + (b * R * C + c) * hw;  // radix r starts at y0 + r * C * hw
+  const int64_t b = row / C, ch0 = grouped_first(row % C, gs);
+  const T* y0 = y + (b * R * C + ch0) * hw;  // radix r starts at y0 + r * CG * hw
   O* o = out + row * hw;
-  // The R input rows share the first one's alignment when C*hw fills whole vectors.
-  const int64_t head = (C * hw) % V == 0 ? aligned_head<V>(hw, y0, o) : hw;
+  // The R input rows share the first one's alignment when CG*hw fills whole vectors.
+  const int64_t head = (gs.cg * hw) % V == 0 ? aligned_head<V>(hw, y0, o) : hw;
   for_row<V>(hw, head, lane, group, [&](int64_t i, auto w) {
     constexpr int W = decltype(w)::value;
     A acc[W] = {};
     for (int64_t r = 0; r < R; ++r) {
-      const auto v = load<W>(y0 + r * C * hw + i);
-      const int64_t ch = r * C + c;
+      const auto v = load<W>(y0 + r * gs.cg * hw + i);
+      const int64_t ch = ch0 + r * gs.cg;
       const A s = scale[ch], t = shift[ch], a = attn[b * R * C + ch];
 #pragma unroll
       for (int k = 0; k < W; ++k) acc[k] += a * relu(affine(A(v.v[k]), s, t));
@@ -43,18 +45,20 @@ __global__ void __launch_bounds__(kMaxBlock)
 }
 
 // NHWC forward: a lane produces V contiguous channels for kRows pixels at a time, so each radix's
-// scale, shift and attn vectors are loaded once per kRows pixels.
+// scale, shift and attn vectors are loaded once per kRows pixels. V > 1 needs V | CG, so that the
+// V channels of a radix are contiguous in y.
 template <typename T, typename O, int V>
 __global__ void __launch_bounds__(kBlock)
     sum_forward_nhwc(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                      const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, O* __restrict__ out,
-                     int64_t C, int64_t R, int64_t hw, NhwcPlan p) {
+                     int64_t C, int64_t R, Groups gs, int64_t hw, NhwcPlan p) {
   using A = acc_t<T>;
   const NhwcTile t = nhwc_tile(p, hw);
   const int64_t c0 = (t.tile * p.tx + t.tx) * V;
   if (c0 >= C) return;
-  const int64_t RC = R * C;
-  const T* yb = y + t.batch * hw * RC + c0;
+  const int64_t RC = R * C, ch0 = grouped_first(c0, gs);
+  const T* yb = y + t.batch * hw * RC + ch0;
+  const A* ab = attn + t.batch * RC + ch0;
   O* ob = out + t.batch * hw * C + c0;
   for (int64_t i0 = t.begin + t.ty; i0 < t.end; i0 += int64_t(p.ty) * kRows) {
     A acc[kRows][V] = {};
@@ -62,15 +66,15 @@ __global__ void __launch_bounds__(kBlock)
       A s[V], sh[V], a[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        s[k] = scale[r * C + c0 + k];
-        sh[k] = shift[r * C + c0 + k];
-        a[k] = attn[t.batch * RC + r * C + c0 + k];
+        s[k] = scale[ch0 + r * gs.cg + k];
+        sh[k] = shift[ch0 + r * gs.cg + k];
+        a[k] = ab[r * gs.cg + k];
       }
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
         const int64_t i = i0 + int64_t(u) * p.ty;
         if (i < t.end) {
-          const auto v = load<V>(yb + i * RC + r * C);
+          const auto v = load<V>(yb + i * RC + r * gs.cg);
 #pragma unroll
           for (int k = 0; k < V; ++k) acc[u][k] += a[k] * relu(affine(A(v.v[k]), s[k], sh[k]));
         }
@@ -95,7 +99,8 @@ __global__ void __launch_bounds__(kMaxBlock)
     sum_backward_nchw(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, T* __restrict__ dy,
                       acc_t<T>* __restrict__ dscale_part, acc_t<T>* __restrict__ dshift_part,
-                      acc_t<T>* __restrict__ dattn, int64_t rows, int64_t C, int64_t RC, int64_t hw, int group) {
+                      acc_t<T>* __restrict__ dattn, int64_t rows, int64_t C, int64_t RC, Groups gs, int64_t hw,
+                      int group) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ Sums<A, 3> smem[kMaxBlock / 32];
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(kMaxBlock)
     a = attn[row];
     const T* yr = y + row * hw;
     T* dr = dy + row * hw;
-    const D* gr = dout + (row / RC * C + ch % C) * hw;
+    const D* gr = dout + (row / RC * C + plain_of(ch, gs)) * hw;
     for_row<V>(hw, aligned_head<V>(hw, yr, dr, gr), lane, group, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
       const auto v = load<W>(yr + i);
@@ -136,14 +141,15 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
 }
 
-// NHWC backward: a lane owns V contiguous channels of one radix slice; per-split terms go to
-// (B * splits, RC).
+// NHWC backward: a lane owns V contiguous channels of one radix slice (V > 1 needs V | CG, so that
+// they are V contiguous channels of dout too); per-split terms go to (B * splits, RC).
 template <typename T, typename D, int V>
 __global__ void __launch_bounds__(kBlock)
     sum_backward_nhwc(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, T* __restrict__ dy,
                       acc_t<T>* __restrict__ dscale_part, acc_t<T>* __restrict__ dshift_part,
-                      acc_t<T>* __restrict__ dattn_part, int64_t C, int64_t RC, int64_t hw, NhwcPlan p) {
+                      acc_t<T>* __restrict__ dattn_part, int64_t C, int64_t RC, Groups gs, int64_t hw,
+                      NhwcPlan p) {
   using A = acc_t<T>;
   __shared__ Sums<A, 3> smem[kBlock * V];
   const NhwcTile t = nhwc_tile(p, hw);
@@ -158,7 +164,7 @@ __global__ void __launch_bounds__(kBlock)
       a[k] = attn[t.batch * RC + ch0 + k];
     }
     const int64_t offset = t.batch * hw * RC + ch0;
-    const D* gb = dout + t.batch * hw * C + ch0 % C;
+    const D* gb = dout + t.batch * hw * C + plain_of(ch0, gs);
 #pragma unroll 4
     for (int64_t i = t.begin + t.ty; i < t.end; i += p.ty) {
       const auto v = load<V>(y + offset + i * RC);
@@ -190,8 +196,9 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 void check_sum_inputs(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& attn,
-                      int64_t radix) {
+                      int64_t radix, int64_t groups) {
   check_conv_output(y, radix);
+  check_groups(y, radix, groups);
   check_channel_vector(scale, y, "scale");
   check_channel_vector(shift, y, "shift");
   check_on_device_of(attn, y, "attn", "y");
@@ -200,12 +207,13 @@ void check_sum_inputs(const at::Tensor& y, const at::Tensor& scale, const at::Te
 }
 
 at::Tensor attention_sum_forward(const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
-                                 const at::Tensor& attn_in, int64_t radix) {
-  check_sum_inputs(y_in, scale_in, shift_in, attn_in, radix);
+                                 const at::Tensor& attn_in, int64_t radix, int64_t groups) {
+  check_sum_inputs(y_in, scale_in, shift_in, attn_in, radix, groups);
   const auto fmt = layout_of(y_in);
   const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   const at::Tensor attn = attn_in.to(scale.scalar_type()).contiguous();
   const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, H = y.size(2), W = y.size(3), hw = H * W;
+  const Groups gs{C / groups, RC / groups};
   const auto out_dtype = c10::promoteTypes(y.scalar_type(), attn_in.scalar_type());
   // Written in y's dtype or in the accumulation dtype, and converted when that is not out_dtype.
   const auto write_dtype = out_dtype == y.scalar_type() ? out_dtype : scale.scalar_type();
@@ -222,14 +230,14 @@ at::Tensor attention_sum_forward(const at::Tensor& y_in, const at::Tensor& scale
         const RowPlan plan = plan_rows(B * C, hw, V, sm_count(y.get_device()));
         sum_forward_nchw<scalar_t, O><<<plan.blocks, plan.threads, 0, stream>>>(
             y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), B * C, C, radix, hw, plan.group);
+            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), B * C, C, radix, gs, hw, plan.group);
       } else {
-        const bool vec = C % V == 0 && aligned(y.const_data_ptr());
+        const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? C / V : C, B, hw, sm_count(y.get_device()));
         const auto kernel = vec ? sum_forward_nhwc<scalar_t, O, V> : sum_forward_nhwc<scalar_t, O, 1>;
         kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
             y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), C, radix, hw, plan);
+            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), C, radix, gs, hw, plan);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -244,8 +252,8 @@ at::Tensor attention_sum_forward(const at::Tensor& y_in, const at::Tensor& scale
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backward(
     const at::Tensor& dout_in, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
-    const at::Tensor& attn_in, int64_t radix) {
-  check_sum_inputs(y_in, scale_in, shift_in, attn_in, radix);
+    const at::Tensor& attn_in, int64_t radix, int64_t groups) {
+  check_sum_inputs(y_in, scale_in, shift_in, attn_in, radix, groups);
   check_on_device_of(dout_in, y_in, "dout", "y");
   check_floating(dout_in, "dout");
   check_shape(dout_in, {y_in.size(0), y_in.size(1) / radix, y_in.size(2), y_in.size(3)}, "dout");
@@ -256,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backwar
   const auto dout_dtype = dout_in.scalar_type() == y.scalar_type() ? y.scalar_type() : scale.scalar_type();
   const at::Tensor dout = dout_in.to(dout_dtype).contiguous(fmt);
   const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  const Groups gs{C / groups, RC / groups};
   const at::Tensor dy = at::empty(y.sizes(), y.options().memory_format(fmt));
   if (y.numel() == 0) {
     return {dy, at::zeros_like(scale), at::zeros_like(scale), at::zeros({B, RC}, attn_in.options())};
@@ -277,10 +286,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backwar
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
             shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(),
             dscale_part.mutable_data_ptr<A>(), dshift_part.mutable_data_ptr<A>(), dattn.mutable_data_ptr<A>(),
-            B * RC, C, RC, hw, plan.group);
+            B * RC, C, RC, gs, hw, plan.group);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        const bool vec = C % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
+        const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
         dscale_part = at::empty({B * plan.splits, RC}, scale.options());
         dshift_part = at::empty({B * plan.splits, RC}, scale.options());
@@ -290,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backwar
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
             shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(),
             dscale_part.mutable_data_ptr<A>(), dshift_part.mutable_data_ptr<A>(),
-            dattn_part.mutable_data_ptr<A>(), C, RC, hw, plan);
+            dattn_part.mutable_data_ptr<A>(), C, RC, gs, hw, plan);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         dattn = dattn_part.sum(1);
       }

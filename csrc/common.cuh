@@ -91,6 +91,13 @@ inline void check_conv_output(const at::Tensor& y, int64_t radix) {
               y.size(1), ")");
 }
 
+// groups K orders y's channels (k, r, j): K >= 1 must divide the C channels of each radix.
+inline void check_groups(const at::Tensor& y, int64_t radix, int64_t groups) {
+  TORCH_CHECK(groups >= 1, "groups must be positive, got ", groups);
+  TORCH_CHECK(y.size(1) / radix % groups == 0, "groups=", groups, " must divide the channels per radix (",
+              y.size(1) / radix, ")");
+}
+
 // A per-channel (R*C,) vector in y's accumulation dtype, on y's device.
 inline void check_channel_vector(const at::Tensor& v, const at::Tensor& y, const char* name) {
   check_on_device_of(v, y, name, "y");
@@ -159,6 +166,22 @@ inline unsigned nhwc_blocks(const NhwcPlan& p, int64_t batch) { return grid_size
 
 // ---------------------------------------------------------------------------------------------
 // Device side.
+
+// Channel layout of y with groups K: channel (r, c) of the formulas, c = k*CG + j with CG = C/K
+// channels per group, is y's k*R*CG + r*CG + j; K = 1 gives r*C + c. Radix r of plain channel c
+// lies at grouped_first(c) + r*CG, and y channel ch belongs to plain channel plain_of(ch).
+struct Groups {
+  int64_t cg;   // C / K
+  int64_t rcg;  // R * C / K
+};
+
+__host__ __device__ __forceinline__ int64_t grouped_first(int64_t c, const Groups& g) {
+  return c / g.cg * g.rcg + c % g.cg;
+}
+
+__host__ __device__ __forceinline__ int64_t plain_of(int64_t ch, const Groups& g) {
+  return ch / g.rcg * g.cg + ch % g.cg;
+}
 
 struct NhwcTile {
   int64_t tile, split, batch, begin, end;

@@ -1,16 +1,17 @@
 // radix_pool: gap[b, c] = 1/HW * sum_r sum_hw relu(y[b, r*C + c, hw] * scale + shift) in one read
-// of y, and its backward.
+// of y, and its backward. With groups K, channel r*C + c of the formula is y's
+// grouped_first(c) + r*C/K (common.cuh).
 #include "common.cuh"
 
 namespace splat {
 namespace {
 
-// NCHW forward: one group per output (b, c) walks the R rows (b, r*C + c).
+// NCHW forward: one group per output (b, c) walks the R rows (b, grouped_first(c) + r*CG).
 template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     pool_forward_nchw(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, T* __restrict__ gap, int64_t outputs, int64_t C,
-                      int64_t R, int64_t hw, int group) {
+                      int64_t R, Groups gs, int64_t hw, int group) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ A smem[kMaxBlock / 32];
@@ -18,9 +19,9 @@ __global__ void __launch_bounds__(kMaxBlock)
   const int64_t out = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   A sum = 0;
   if (out < outputs) {
-    const int64_t b = out / C, c = out % C;
+    const int64_t b = out / C, ch0 = grouped_first(out % C, gs);
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t ch = r * C + c;
+      const int64_t ch = ch0 + r * gs.cg;
       const T* row = y + (b * R * C + ch) * hw;
       const A s = scale[ch], t = shift[ch];
       for_row<V>(hw, aligned_head<V>(hw, row), lane, group, [&](int64_t i, auto w) {
@@ -36,25 +37,28 @@ __global__ void __launch_bounds__(kMaxBlock)
 }
 
 // NHWC forward: a lane sums V contiguous channels over its pixels, one radix at a time; the
-// per-split sums (B, splits, C) are added up by the caller.
+// per-split sums (B, splits, C) are added up by the caller. V > 1 needs V | CG, so that the V
+// channels of a radix are contiguous in y.
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
     pool_forward_nhwc(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, acc_t<T>* __restrict__ part, int64_t C, int64_t R,
-                      int64_t hw, NhwcPlan p) {
+                      Groups gs, int64_t hw, NhwcPlan p) {
   using A = acc_t<T>;
   __shared__ A smem[kBlock * V];
   const NhwcTile t = nhwc_tile(p, hw);
   const int64_t c0 = (t.tile * p.tx + t.tx) * V;
   A sum[V] = {};
   if (c0 < C) {
+    const int64_t ch0 = grouped_first(c0, gs);
     for (int64_t r = 0; r < R; ++r) {
-      const T* col = y + t.batch * hw * R * C + r * C + c0;
+      const int64_t ch = ch0 + r * gs.cg;
+      const T* col = y + t.batch * hw * R * C + ch;
       A s[V], sh[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        s[k] = scale[r * C + c0 + k];
-        sh[k] = shift[r * C + c0 + k];
+        s[k] = scale[ch + k];
+        sh[k] = shift[ch + k];
       }
 #pragma unroll 4
       for (int64_t i = t.begin + t.ty; i < t.end; i += p.ty) {
@@ -76,8 +80,8 @@ __global__ void __launch_bounds__(kMaxBlock)
     pool_backward_nchw(const acc_t<T>* __restrict__ dgap, const T* __restrict__ y,
                        const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
                        T* __restrict__ dy, acc_t<T>* __restrict__ dscale_part,
-                       acc_t<T>* __restrict__ dshift_part, int64_t rows, int64_t C, int64_t RC, int64_t hw,
-                       int group) {
+                       acc_t<T>* __restrict__ dshift_part, int64_t rows, int64_t C, int64_t RC, Groups gs,
+                       int64_t hw, int group) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ Sums<A, 2> smem[kMaxBlock / 32];
@@ -87,7 +91,7 @@ __global__ void __launch_bounds__(kMaxBlock)
   A g = 0;
   if (row < rows) {
     const int64_t ch = row % RC;
-    g = dgap[row / RC * C + ch % C] / A(hw);
+    g = dgap[row / RC * C + plain_of(ch, gs)] / A(hw);
     const A s = scale[ch], t = shift[ch], ds = g * s;
     const T* yr = y + row * hw;
     T* dr = dy + row * hw;
@@ -113,27 +117,29 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
 }
 
-// NHWC backward: a lane owns V contiguous channels of one radix slice; per-split terms of dscale
-// and dshift go to (B * splits, RC).
+// NHWC backward: a lane owns V contiguous channels of one radix slice (V > 1 needs V | CG, so that
+// they are V contiguous channels of dgap too); per-split terms of dscale and dshift go to
+// (B * splits, RC).
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
     pool_backward_nhwc(const acc_t<T>* __restrict__ dgap, const T* __restrict__ y,
                        const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
                        T* __restrict__ dy, acc_t<T>* __restrict__ dscale_part,
-                       acc_t<T>* __restrict__ dshift_part, int64_t C, int64_t RC, int64_t hw, NhwcPlan p) {
+                       acc_t<T>* __restrict__ dshift_part, int64_t C, int64_t RC, Groups gs, int64_t hw,
+                       NhwcPlan p) {
   using A = acc_t<T>;
   __shared__ Sums<A, 2> smem[kBlock * V];
   const NhwcTile t = nhwc_tile(p, hw);
   const int64_t ch0 = (t.tile * p.tx + t.tx) * V;
   Sums<A, 2> acc[V] = {};
   if (ch0 < RC) {
+    const A* g = dgap + t.batch * C + plain_of(ch0, gs);
     A s[V], sh[V], ds[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int64_t ch = ch0 + k;
-      s[k] = scale[ch];
-      sh[k] = shift[ch];
-      ds[k] = dgap[t.batch * C + ch % C] / A(hw) * s[k];
+      s[k] = scale[ch0 + k];
+      sh[k] = shift[ch0 + k];
+      ds[k] = g[k] / A(hw) * s[k];
     }
     const int64_t offset = t.batch * hw * RC + ch0;
 #pragma unroll 4
@@ -154,7 +160,7 @@ __global__ void __launch_bounds__(kBlock)
   reduce_columns(acc, t, p, smem, [&](int col, const Sums<A, 2>& total) {
     const int64_t ch = t.tile * p.tx * V + col;
     if (ch < RC) {
-      const A g = dgap[t.batch * C + ch % C] / A(hw);
+      const A g = dgap[t.batch * C + plain_of(ch, gs)] / A(hw);
       const int64_t at = (t.batch * p.splits + t.split) * RC + ch;
       dscale_part[at] = g * total.v[0];
       dshift_part[at] = g * total.v[1];
@@ -162,18 +168,21 @@ __global__ void __launch_bounds__(kBlock)
   });
 }
 
-void check_pool_inputs(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, int64_t radix) {
+void check_pool_inputs(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, int64_t radix,
+                       int64_t groups) {
   check_conv_output(y, radix);
+  check_groups(y, radix, groups);
   check_channel_vector(scale, y, "scale");
   check_channel_vector(shift, y, "shift");
 }
 
 at::Tensor radix_pool_forward(const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
-                              int64_t radix) {
-  check_pool_inputs(y_in, scale_in, shift_in, radix);
+                              int64_t radix, int64_t groups) {
+  check_pool_inputs(y_in, scale_in, shift_in, radix, groups);
   const auto fmt = layout_of(y_in);
   const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  const Groups gs{C / groups, RC / groups};
   if (y.numel() == 0) {  // a mean over no pixels is NaN, as in torch
     return at::full({B, C}, std::numeric_limits<double>::quiet_NaN(), y.options());
   }
@@ -188,16 +197,16 @@ at::Tensor radix_pool_forward(const at::Tensor& y_in, const at::Tensor& scale_in
       const RowPlan plan = plan_rows(B * C, hw, V, sm_count(y.get_device()));
       pool_forward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-          gap.mutable_data_ptr<scalar_t>(), B * C, C, radix, hw, plan.group);
+          gap.mutable_data_ptr<scalar_t>(), B * C, C, radix, gs, hw, plan.group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      const bool vec = C % V == 0 && aligned(y.const_data_ptr());
+      const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());
       const NhwcPlan plan = plan_nhwc(vec ? C / V : C, B, hw, sm_count(y.get_device()));
       const at::Tensor part = at::empty({B, plan.splits, C}, scale.options());
       const auto kernel = vec ? pool_forward_nhwc<scalar_t, V> : pool_forward_nhwc<scalar_t, 1>;
       kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-          part.mutable_data_ptr<A>(), C, radix, hw, plan);
+          part.mutable_data_ptr<A>(), C, radix, gs, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       gap = part.sum(1).div_(hw).to(y.scalar_type());
     }
@@ -208,8 +217,9 @@ at::Tensor radix_pool_forward(const at::Tensor& y_in, const at::Tensor& scale_in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Tensor& dgap_in,
                                                                    const at::Tensor& y_in,
                                                                    const at::Tensor& scale_in,
-                                                                   const at::Tensor& shift_in, int64_t radix) {
-  check_pool_inputs(y_in, scale_in, shift_in, radix);
+                                                                   const at::Tensor& shift_in, int64_t radix,
+                                                                   int64_t groups) {
+  check_pool_inputs(y_in, scale_in, shift_in, radix, groups);
   check_on_device_of(dgap_in, y_in, "dgap", "y");
   check_floating(dgap_in, "dgap");
   check_shape(dgap_in, {y_in.size(0), y_in.size(1) / radix}, "dgap");
@@ -217,6 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Ten
   const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   const at::Tensor dgap = dgap_in.to(scale.scalar_type()).contiguous();
   const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  const Groups gs{C / groups, RC / groups};
   const at::Tensor dy = at::empty(y.sizes(), y.options().memory_format(fmt));
   if (y.numel() == 0) return {dy, at::zeros_like(scale), at::zeros_like(scale)};
   const c10::cuda::CUDAGuard guard(y.device());
@@ -232,10 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Ten
       pool_backward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           dgap.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
           shift.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), dscale_part.mutable_data_ptr<A>(),
-          dshift_part.mutable_data_ptr<A>(), B * RC, C, RC, hw, plan.group);
+          dshift_part.mutable_data_ptr<A>(), B * RC, C, RC, gs, hw, plan.group);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      const bool vec = C % V == 0 && aligned(y.const_data_ptr());
+      const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());
       const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
       dscale_part = at::empty({B * plan.splits, RC}, scale.options());
       dshift_part = at::empty({B * plan.splits, RC}, scale.options());
@@ -243,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Ten
       kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
           dgap.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
           shift.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), dscale_part.mutable_data_ptr<A>(),
-          dshift_part.mutable_data_ptr<A>(), C, RC, hw, plan);
+          dshift_part.mutable_data_ptr<A>(), C, RC, gs, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

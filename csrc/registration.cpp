@@ -5,16 +5,18 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(splat_cuda, m) {
-  m.def("radix_pool_forward(Tensor y, Tensor scale, Tensor shift, int radix) -> Tensor");
+  m.def("radix_pool_forward(Tensor y, Tensor scale, Tensor shift, int radix, int groups) -> Tensor");
   m.def(
-      "radix_pool_backward(Tensor dgap, Tensor y, Tensor scale, Tensor shift, int radix)"
+      "radix_pool_backward(Tensor dgap, Tensor y, Tensor scale, Tensor shift, int radix, int groups)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("radix_softmax_forward(Tensor logits, int radix, int cardinality) -> Tensor");
   m.def("radix_softmax_backward(Tensor dattn, Tensor attn, int radix, int cardinality) -> Tensor");
-  m.def("attention_sum_forward(Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix) -> Tensor");
   m.def(
-      "attention_sum_backward(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "attention_sum_forward(Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix, int groups)"
+      " -> Tensor");
+  m.def(
+      "attention_sum_backward(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix,"
+      " int groups) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_stats_forward(Tensor y) -> (Tensor, Tensor)");
   m.def("channel_stats_backward(Tensor dmean, Tensor dvar, Tensor y, Tensor mean) -> Tensor");
 }

@@ -11,6 +11,7 @@ import torch
 
 import splat
 from splat import _cuda, ops
+from splat._layout import acc_dtype
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -42,10 +43,6 @@ CASES = [
     pytest.param((1, 2, 1, 136, 3, 3), id="c-tiles"),
     pytest.param((2, 2, 1, 4, 100, 100), id="long-rows"),
 ]
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def make(shape, dtype, layout="nchw", offset=0, device="cuda", scale=1.0, shift=0.0):
@@ -150,6 +147,38 @@ def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], offset, "channel_stats " + what)
 
 
+# (B, radix, groups, C, H, W) with y's channels ordered (group, radix, channel of the group): C/K a
+# multiple of every vector width, C/K = 6 (vectors only for float64), odd C/K = 3 and 17 (scalar
+# NHWC paths everywhere), R = 1 and 3, HW = 1, several NHWC channel tiles, long NCHW rows.
+GROUP_CASES = [
+    pytest.param((2, 2, 2, 16, 5, 5), id="r2k2-cg8"),
+    pytest.param((2, 3, 4, 32, 3, 3), id="r3k4-cg8"),
+    pytest.param((2, 2, 4, 24, 4, 4), id="r2k4-cg6"),
+    pytest.param((2, 2, 2, 6, 7, 7), id="r2k2-cg3"),
+    pytest.param((2, 1, 4, 16, 3, 3), id="r1k4-cg4"),
+    pytest.param((3, 2, 2, 34, 1, 1), id="hw1-cg17"),
+    pytest.param((1, 2, 2, 256, 3, 3), id="c-tiles"),
+    pytest.param((1, 2, 4, 16, 60, 60), id="long-rows"),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
+    B, R, K, C, H, W = case
+    what = f"{case} {dtype} {layout} offset={offset}"
+    y = make((B, R * C, H, W), dtype, layout, offset)
+    scale, shift = bn_vectors(R * C, dtype)
+    attn = torch.rand(B, R * C, device="cuda", dtype=dtype)
+    pool = lambda be, *a: ops.radix_pool(*a, R, backend=be, groups=K)  # noqa: E731
+    compare(pool, [y, scale, shift], offset, "radix_pool " + what)
+    summed = lambda be, *a: ops.attention_sum(*a, R, backend=be, groups=K)  # noqa: E731
+    compare(summed, [y, scale, shift, attn], offset, "attention_sum " + what)
+
+
 @gpu_test
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -160,8 +189,10 @@ def test_attention_sum_float32_weights(cuda_ops, dtype, layout):
     scale, shift = bn_vectors(32, dtype)
     for attn_dtype in (torch.float32, torch.float64):
         attn = torch.rand(2, 32, device="cuda", dtype=attn_dtype)
-        fn = lambda be, *a: ops.attention_sum(*a, 2, backend=be)  # noqa: E731
-        compare(fn, [y, scale, shift, attn], 0, f"attn {attn_dtype}", min_tol=TOLERANCE[torch.float32])
+        for groups in (1, 4):
+            fn = lambda be, *a: ops.attention_sum(*a, 2, backend=be, groups=groups)  # noqa: E731
+            what = f"attn {attn_dtype} groups={groups}"
+            compare(fn, [y, scale, shift, attn], 0, what, min_tol=TOLERANCE[torch.float32])
 
 
 @gpu_test
@@ -189,8 +220,9 @@ def test_gradcheck(cuda_ops, layout):
     attn = torch.rand(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
     logits = torch.randn(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
     gradcheck = torch.autograd.gradcheck
-    assert gradcheck(lambda *a: ops.radix_pool(*a, R, backend="cuda"), (y, scale, shift))
-    assert gradcheck(lambda *a: ops.attention_sum(*a, R, backend="cuda"), (y, scale, shift, attn))
+    for groups in (1, 2):
+        assert gradcheck(lambda *a: ops.radix_pool(*a, R, backend="cuda", groups=groups), (y, scale, shift))
+        assert gradcheck(lambda *a: ops.attention_sum(*a, R, backend="cuda", groups=groups), (y, scale, shift, attn))
     assert gradcheck(lambda x: ops.radix_softmax(x, R, K, backend="cuda"), (logits,))
     assert gradcheck(lambda x: ops.radix_softmax(x, 1, K, backend="cuda"), (logits,))
     assert gradcheck(lambda x: ops.channel_stats(x, backend="cuda"), (y,))
@@ -208,13 +240,17 @@ def op_samples(layout, dtype, attn_dtype=None):
     out_dtype = torch.promote_types(dtype, attn.dtype)
     mean = torch.randn(R * C, device="cuda", dtype=acc)
     return [
-        (sc.radix_pool_forward, (y, scale, shift, R)),
-        (sc.radix_pool_backward, (make((B, C), dtype), y, scale, shift, R)),
+        (sc.radix_pool_forward, (y, scale, shift, R, 1)),
+        (sc.radix_pool_forward, (y, scale, shift, R, K)),
+        (sc.radix_pool_backward, (make((B, C), dtype), y, scale, shift, R, 1)),
+        (sc.radix_pool_backward, (make((B, C), dtype), y, scale, shift, R, K)),
         (sc.radix_softmax_forward, (logits, R, K)),
         (sc.radix_softmax_forward, (logits, 1, K)),
         (sc.radix_softmax_backward, (make((B, R * C), dtype), attn.to(dtype), R, K)),
-        (sc.attention_sum_forward, (y, scale, shift, attn, R)),
-        (sc.attention_sum_backward, (make((B, C, H, W), out_dtype, layout), y, scale, shift, attn, R)),
+        (sc.attention_sum_forward, (y, scale, shift, attn, R, 1)),
+        (sc.attention_sum_forward, (y, scale, shift, attn, R, K)),
+        (sc.attention_sum_backward, (make((B, C, H, W), out_dtype, layout), y, scale, shift, attn, R, 1)),
+        (sc.attention_sum_backward, (make((B, C, H, W), out_dtype, layout), y, scale, shift, attn, R, K)),
         (sc.channel_stats_forward, (y,)),
         (sc.channel_stats_backward, (torch.randn_like(mean), torch.randn_like(mean), y, mean)),
     ]
@@ -239,12 +275,12 @@ def test_empty_batch(cuda_ops, layout):
     y = torch.empty(0, 16, 4, 4, device="cuda").contiguous(memory_format=LAYOUTS[layout])
     scale, shift = bn_vectors(16, torch.float32)
     attn = torch.empty(0, 16, device="cuda")
-    assert sc.radix_pool_forward(y, scale, shift, 2).shape == (0, 8)
-    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device="cuda"), y, scale, shift, 2)
+    assert sc.radix_pool_forward(y, scale, shift, 2, 2).shape == (0, 8)
+    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device="cuda"), y, scale, shift, 2, 2)
     assert dy.shape == y.shape and not dscale.any() and not dshift.any()
-    assert sc.attention_sum_forward(y, scale, shift, attn, 2).shape == (0, 8, 4, 4)
+    assert sc.attention_sum_forward(y, scale, shift, attn, 2, 2).shape == (0, 8, 4, 4)
     dout = torch.empty(0, 8, 4, 4, device="cuda")
-    dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2)
+    dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2, 2)
     assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
     assert sc.radix_softmax_forward(attn, 2, 2).shape == (0, 16)
     mean, var = sc.channel_stats_forward(y)
@@ -262,8 +298,10 @@ def test_deterministic(cuda_ops):
         attn = torch.rand(4, 64, device="cuda")
         sc = torch.ops.splat_cuda
         for op, args in [
-            (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2)),
-            (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2)),
+            (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2, 1)),
+            (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2, 4)),
+            (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 1)),
+            (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 4)),
             (sc.channel_stats_forward, (y,)),
         ]:
             first, second = op(*args), op(*args)
@@ -276,14 +314,24 @@ def test_invalid_inputs(cuda_ops):
     y = torch.randn(2, 16, 3, 3, device="cuda")
     scale, shift = bn_vectors(16, torch.float32)
     with pytest.raises(RuntimeError, match="radix=3 must divide"):
-        sc.radix_pool_forward(y, scale, shift, 3)
+        sc.radix_pool_forward(y, scale, shift, 3, 1)
     with pytest.raises(RuntimeError, match="scale must be"):
-        sc.radix_pool_forward(y, scale.double(), shift, 2)
+        sc.radix_pool_forward(y, scale.double(), shift, 2, 1)
+    with pytest.raises(RuntimeError, match="groups=3 must divide the channels per radix"):
+        sc.radix_pool_forward(y, scale, shift, 2, 3)
+    with pytest.raises(RuntimeError, match="groups must be positive"):
+        sc.radix_pool_backward(torch.randn(2, 8, device="cuda"), y, scale, shift, 2, 0)
+    with pytest.raises(RuntimeError, match="groups=16 must divide"):
+        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 16, device="cuda"), 2, 16)
+    with pytest.raises(RuntimeError, match="groups must be positive"):
+        sc.attention_sum_backward(
+            torch.randn(2, 8, 3, 3, device="cuda"), y, scale, shift, torch.rand(2, 16, device="cuda"), 2, -1
+        )
     with pytest.raises(RuntimeError, match="4-D"):
         sc.channel_stats_forward(y[0])
     with pytest.raises(RuntimeError, match="cardinality=3 must divide"):
         sc.radix_softmax_forward(torch.randn(2, 16, device="cuda"), 2, 3)
     with pytest.raises(RuntimeError, match="attn must have shape"):
-        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device="cuda"), 2)
+        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device="cuda"), 2, 1)
     with pytest.raises(RuntimeError, match="is on cpu"):
-        sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device="cuda"), 2)
+        sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device="cuda"), 2, 1)

@@ -211,7 +211,7 @@ class FusedSKConv(_SelectiveKernelBase):
     ``fc`` Linear(features, d), ``fcs[i]`` Linear(d, features), d = max(int(features / r), L);
     ``WH`` is unused, as in the original. Input (B, features, H, W), NCHW or channels_last;
     output (B, features, H', W') in the input's memory format. ``backend``: "auto", "triton",
-    "torch" (pure PyTorch; or "cuda" where G == 1 or M == 1). See the module docstring for how the
+    "cuda" or "torch" (pure PyTorch). See the module docstring for how the
     M branch convolutions become one.
     """
 
