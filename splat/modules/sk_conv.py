@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from splat import _layout
 from splat import backend as _backend
 from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm
-from splat.modules.splat_conv import check_input
-from splat.ops import attention_sum, radix_pool, radix_softmax
+from splat.modules.splat_conv import check_input, split_attention
+from splat.ops import radix_softmax
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,16 @@ class _SelectiveKernelBase(nn.Module):
         M, K = g.branches, g.y_groups
         order = _branch_order(M, g.channels, K, y.device) if K > 1 else None
         scale, shift = batch_norm_scale_shift(y, self._bns(), backend, order)
-        gap = radix_pool(y, scale, shift, M, backend, groups=K)
-        logits = self._logits(gap)
-        if order is not None:
-            logits = logits[:, order]
-        if M == 1:  # softmax over one branch: ones (radix_softmax's R=1 is ResNeSt's sigmoid gate)
-            attn = logits.unsqueeze(1).softmax(1).squeeze(1)
-        else:
-            attn = radix_softmax(logits.reshape(B * K, -1), M, 1, backend).reshape(B, M * g.channels)
-        return attention_sum(y, scale, shift, attn, M, backend, groups=K)
+
+        def attention(gap: Tensor) -> Tensor:
+            logits = self._logits(gap)
+            if order is not None:
+                logits = logits[:, order]
+            if M == 1:  # softmax over one branch: ones (radix_softmax's R=1 is ResNeSt's sigmoid gate)
+                return logits.unsqueeze(1).softmax(1).squeeze(1)
+            return radix_softmax(logits.reshape(B * K, -1), M, 1, backend).reshape(B, M * g.channels)
+
+        return split_attention(y, scale, shift, attention, M, backend, groups=K)
 
 
 def _checked_relu(act: nn.Module, name: str) -> None:

@@ -12,15 +12,17 @@ from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, ide
 from splat.ops import attention_sum, radix_pool, radix_softmax
 
 
-def split_attention(y: Tensor, scale: Tensor, shift: Tensor, mlp, radix: int, cardinality: int, backend: str) -> Tensor:
+def split_attention(
+    y: Tensor, scale: Tensor, shift: Tensor, attention, radix: int, backend: str, groups: int = 1
+) -> Tensor:
     """The split-attention tail after the conv, shared by the ResNeSt and SK blocks.
 
-    y (B, R*C, H, W) radix-major conv output, (scale, shift) the folded BN of y, ``mlp`` maps the
-    pooled (B, C) to cardinal-major logits (B, R*C). Returns (B, C, H, W) in y's layout.
+    y (B, R*C, H, W) conv output (radix-major, or (k, r, j)-ordered with ``groups`` K), (scale, shift)
+    the folded BN of y, ``attention`` maps the pooled (B, C) to the weights (B, R*C) in y's channel
+    order. Returns (B, C, H, W) in y's layout.
     """
-    gap = radix_pool(y, scale, shift, radix, backend)
-    attn = radix_softmax(mlp(gap), radix, cardinality, backend)
-    return attention_sum(y, scale, shift, attn, radix, backend)
+    gap = radix_pool(y, scale, shift, radix, backend, groups=groups)
+    return attention_sum(y, scale, shift, attention(gap), radix, backend, groups=groups)
 
 
 def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
@@ -111,7 +113,10 @@ class FusedSplAtConv2d(nn.Module):
             return y[:, : self.channels]
         backend = _backend.resolve(self.backend, y)
         scale, shift = batch_norm_scale_shift(y, [self.bn0], backend) if self.use_bn else identity_scale_shift(y)
-        return split_attention(y, scale, shift, self._mlp, self.radix, self.cardinality, backend)
+        def attention(gap: Tensor) -> Tensor:
+            return radix_softmax(self._mlp(gap), self.radix, self.cardinality, backend)
+
+        return split_attention(y, scale, shift, attention, self.radix, backend)
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":
