@@ -1,0 +1,56 @@
+"""Every Triton kernel compiles to a cubin for sm_90 (H100) and sm_80 (A100), GPU or not.
+
+The rest of the suite runs the kernels through Triton's interpreter on CPU; this compiles them
+for real (tests/triton_aot.py), so a kernel the compiler rejects, or one that needs more shared
+memory than the device has, fails here rather than on the first GPU that runs it.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).with_name("triton_aot.py")
+# Shared memory a block may use (opt-in maximum), per architecture.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# The benchmark's stage shapes (their block sizes) compile for the H100 in bfloat16, the dtype of the targets.
+BENCHMARK_DTYPES = {90: ("bfloat16",), 80: ()}
+KERNEL_MODULES = ("attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain")
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """One compile-only run per architecture, started together (they take minutes each)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(arch), *BENCHMARK_DTYPES[arch]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for arch in SHARED_LIMIT
+    }
+    return {arch: proc.communicate() + (proc.returncode,) for arch, proc in procs.items()}
+
+
+def _launched_kernels() -> set[str]:
+    names = set()
+    for module in KERNEL_MODULES:
+        mod = importlib.import_module(f"splat.kernels.{module}")
+        names.update(name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "fn"))
+    return names
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_every_kernel_compiles(compiles, arch):
+    stdout, stderr, returncode = compiles[arch]
+    assert returncode == 0, f"sm_{arch} compile failed:\n{stderr[-4000:]}"
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert set(summary) == _launched_kernels(), "kernels never launched by the blocks or ops"
+    for name, info in summary.items():
+        assert info["max_shared"] <= SHARED_LIMIT[arch], f"{name} needs {info['max_shared']} B of shared memory"
