@@ -44,7 +44,7 @@ importable, ``blocks-<device>.png``. JSON schema::
      "records": [{"block", "config", "dtype", "layout", "mode", "impl", "ms", ["compile_s"]}],
      "tail":    [{"block", "config", "dtype", "layout", "mode", "impl", "tail_ms",
                   "min_bytes", "gbs", "pct_copy"}],
-     "ops":     [{"op", "pass", "config", "dtype", "layout", "backend", "us",
+     "ops":     [{"op", "pass", "config", "dtype", "layout", "shape_class", "backend", "us",
                   "min_bytes", "gbs", "pct_copy", "graph"}],
      "skipped": [{"what", "reason"}]}
 
@@ -584,19 +584,21 @@ class Bench:
         dattn = torch.randn_like(attn)
         dout = torch.randn_like(out)
         dmean, dvar = torch.randn_like(mean), torch.randn_like(var)
+        # The tensor each op's "auto" resolves on, hence its row of the auto table.
+        yk, lk = splat.backend.shape_class(y), splat.backend.shape_class(logits)
         return [
-            ("channel_stats", "fwd", ops.channel_stats, (y, backend)),
-            ("channel_stats", "bwd", ops.channel_stats_backward, (dmean, dvar, y, mean, backend)),
-            ("radix_pool", "fwd", ops.radix_pool, (y, scale, shift, R, 1, backend)),
-            ("radix_pool", "bwd", ops.radix_pool_backward, (dgap, y, scale, shift, R, 1, backend)),
-            ("radix_softmax", "fwd", ops.radix_softmax, (logits, R, K, backend)),
-            ("radix_softmax", "bwd", ops.radix_softmax_backward, (dattn, attn, R, K, backend)),
-            ("attention_sum", "fwd", ops.attention_sum, (y, scale, shift, attn, R, 1, backend)),
-            ("attention_sum", "bwd", ops.attention_sum_backward, (dout, y, scale, shift, attn, R, 1, backend)),
+            ("channel_stats", "fwd", yk, ops.channel_stats, (y, backend)),
+            ("channel_stats", "bwd", yk, ops.channel_stats_backward, (dmean, dvar, y, mean, backend)),
+            ("radix_pool", "fwd", yk, ops.radix_pool, (y, scale, shift, R, 1, backend)),
+            ("radix_pool", "bwd", yk, ops.radix_pool_backward, (dgap, y, scale, shift, R, 1, backend)),
+            ("radix_softmax", "fwd", lk, ops.radix_softmax, (logits, R, K, backend)),
+            ("radix_softmax", "bwd", lk, ops.radix_softmax_backward, (dattn, attn, R, K, backend)),
+            ("attention_sum", "fwd", yk, ops.attention_sum, (y, scale, shift, attn, R, 1, backend)),
+            ("attention_sum", "bwd", yk, ops.attention_sum_backward, (dout, y, scale, shift, attn, R, 1, backend)),
         ]
 
     def ops_one(self, cfg, dname, lname, backend):
-        for op, direction, fn, inputs in self.op_cases(cfg, dname, lname, backend):
+        for op, direction, key, fn, inputs in self.op_cases(cfg, dname, lname, backend):
             outs = fn(*inputs)
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
             tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
@@ -604,8 +606,9 @@ class Bench:
             ms, graph = self.time_op(fn, inputs, min_bytes)
             gbs = min_bytes / ms / 1e6
             self.ops.append({"op": op, "pass": direction, "config": cfg.name, "dtype": dname, "layout": lname,
-                             "backend": backend, "us": round(ms * 1e3, 2), "min_bytes": min_bytes,
-                             "gbs": round(gbs, 1), "pct_copy": _round(self.pct(gbs)), "graph": graph})
+                             "shape_class": key, "backend": backend, "us": round(ms * 1e3, 2),
+                             "min_bytes": min_bytes, "gbs": round(gbs, 1), "pct_copy": _round(self.pct(gbs)),
+                             "graph": graph})
 
     def time_op(self, fn, inputs, min_bytes):
         """Median ms of one call. On CUDA: a graph of calls over enough input copies to exceed L2."""

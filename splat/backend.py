@@ -4,15 +4,21 @@
 - ``"triton"``: the Triton kernels of ``splat.kernels``; CUDA tensors, or CPU tensors through
   Triton's interpreter when ``TRITON_INTERPRET=1`` was set before splat's kernels were imported.
 - ``"cuda"``: the C++/CUDA kernels of ``csrc/`` (``torch.ops.splat_cuda``); CUDA tensors only.
-- ``"auto"``: ``$SPLAT_BACKEND`` if set, else the fastest available backend for the device.
+- ``"auto"``: ``$SPLAT_BACKEND`` if set; else, on CUDA, the backend that ``bench_blocks.py``
+  measured fastest for the op and its shape class on this device (``auto_backend.json``, written
+  by ``bench_blocks.py --auto-table``), Triton where the table has no entry; on CPU, torch.
 """
 
 import functools
 import importlib
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
+
+from splat import _layout
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
@@ -27,6 +33,8 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# assume_constant_result: torch.compile evaluates these once while tracing instead of tracing them.
+@torch.compiler.assume_constant_result
 @functools.cache
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
@@ -34,6 +42,7 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+@torch.compiler.assume_constant_result
 def _cuda_status() -> tuple[bool, str]:
     from splat import _cuda
 
@@ -48,16 +57,58 @@ def backends() -> dict[str, tuple[bool, str]]:
     return {"torch": (True, ""), "triton": (triton_ok, triton_why), "cuda": _cuda_status()}
 
 
-def resolve(backend: str, t: torch.Tensor) -> str:
-    """The concrete backend that runs for tensor ``t``; raises if ``backend`` cannot run it."""
+AUTO_TABLE_PATH = Path(__file__).with_name("auto_backend.json")
+
+
+def _load_auto_table(path: Path) -> dict:
+    """{device name: {op: {shape class: backend}}}; empty until a GPU session commits one."""
+    if not path.exists():
+        return {}
+    return {device: entry["choices"] for device, entry in json.loads(path.read_text()).items()}
+
+
+_AUTO_TABLE = _load_auto_table(AUTO_TABLE_PATH)
+
+
+def shape_class(t: torch.Tensor) -> str:
+    """The auto table's key for the tensor an op is resolved on: dtype, and for 4-D tensors
+    layout and map size (the ResNeSt-50 stages fall one per size class: 3136, 784, 196, 49)."""
+    key = str(t.dtype).removeprefix("torch.")
+    if t.dim() != 4:
+        return key
+    layout = "channels_last" if _layout.memory_format(t) == torch.channels_last else "nchw"
+    hw = t.shape[2] * t.shape[3]
+    size = next((f"hw<={limit}" for limit in (64, 256, 1024) if hw <= limit), "hw>1024")
+    return f"{key}/{layout}/{size}"
+
+
+@torch.compiler.assume_constant_result
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_properties(index).name
+
+
+def auto_choice(op: str, device_name: str, key: str) -> str:
+    """What "auto" runs for ``op`` on a CUDA device: the table's measured choice where it has one
+    and that backend is available, else Triton (torch without Triton)."""
+    if _AUTO_TABLE.get(device_name, {}).get(op, {}).get(key) == "cuda" and _cuda_status()[0]:
+        return "cuda"
+    return "triton" if _triton_status()[0] else "torch"
+
+
+def _auto(op: str, t: torch.Tensor) -> str:
+    if not t.is_cuda:
+        return "torch"
+    return auto_choice(op, _device_name(t.device.index), shape_class(t))
+
+
+def resolve(backend: str, t: torch.Tensor, op: str) -> str:
+    """The concrete backend that runs op ``op`` on tensor ``t``; raises if ``backend`` cannot run it."""
     check_name(backend)
     if backend == "auto":
         backend = os.environ.get("SPLAT_BACKEND", "auto") or "auto"
         check_name(backend)
     if backend == "auto":
-        if t.is_cuda and _triton_status()[0]:
-            return "triton"
-        return "torch"
+        return _auto(op, t)
     if backend == "triton":
         ok, why = _triton_status()
         if not ok:

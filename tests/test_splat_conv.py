@@ -204,15 +204,6 @@ def test_nan_propagates(backend):
     assert not out[1].isnan().any()
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_env_var_overrides_auto(backend, monkeypatch):
-    monkeypatch.setenv("SPLAT_BACKEND", backend)
-    assert splat.backend.resolve("auto", rand(1)) == backend
-    monkeypatch.setenv("SPLAT_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        splat.backend.resolve("auto", rand(1))
-
-
 @st.composite
 def splat_configs(draw):
     radix = draw(st.integers(1, 4))
@@ -241,9 +232,3 @@ def test_property_random_configs(backend, case):
         return  # bn1 sees one 1x1 sample per channel: the reference raises too
     compare_modules(ref, fused, rand(*shape, layout=layout), torch.float64)
 
-
-def test_backends_report():
-    report = splat.backends()
-    assert report["torch"] == (True, "")
-    for name, (ok, why) in report.items():
-        assert ok or why, f"{name} is unavailable without a reason"

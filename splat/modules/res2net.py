@@ -113,14 +113,13 @@ class FusedBottle2neck(nn.Module):
         if x.shape[0] == 0:
             chain = self._unfused_chain(out)
         else:
-            backend = _backend.resolve(self.backend, out)
             gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))
             # .to: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
             weight = torch.cat([conv.weight for conv in self.convs]).to(out.dtype)
             chain, mean, var = res2net_chain(
                 out, weight, gamma, beta, running_mean, running_var, eps,
                 self.scale, self.stype == "stage", self.stride, self.dilation, self.cardinality, batch_stats,
-                save_y=torch.is_grad_enabled(), backend=backend,
+                save_y=torch.is_grad_enabled(), backend=self.backend,
             )
             if self.training and batch_stats:
                 n = x.shape[0] * output_size(x.shape[2], self.stride) * output_size(x.shape[3], self.stride)

@@ -165,10 +165,9 @@ class _SelectiveKernelBase(nn.Module):
             return torch.empty(
                 (0, g.channels, H, W), dtype=y.dtype, device=y.device, memory_format=_layout.memory_format(y)
             )
-        backend = _backend.resolve(self.backend, y)
         M, K = g.branches, g.y_groups
         order = _branch_order(M, g.channels, K, y.device) if K > 1 else None
-        scale, shift = batch_norm_scale_shift(y, self._bns(), backend, order)
+        scale, shift = batch_norm_scale_shift(y, self._bns(), self.backend, order)
 
         def attention(gap: Tensor) -> Tensor:
             logits = self._logits(gap)
@@ -176,9 +175,9 @@ class _SelectiveKernelBase(nn.Module):
                 logits = logits[:, order]
             if M == 1:  # softmax over one branch: ones (radix_softmax's R=1 is ResNeSt's sigmoid gate)
                 return logits.unsqueeze(1).softmax(1).squeeze(1)
-            return radix_softmax(logits.reshape(B * K, -1), M, 1, backend).reshape(B, M * g.channels)
+            return radix_softmax(logits.reshape(B * K, -1), M, 1, self.backend).reshape(B, M * g.channels)
 
-        return split_attention(y, scale, shift, attention, M, backend, groups=K)
+        return split_attention(y, scale, shift, attention, M, self.backend, groups=K)
 
 
 def _checked_relu(act: nn.Module, name: str) -> None:

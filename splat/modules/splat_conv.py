@@ -111,12 +111,12 @@ class FusedSplAtConv2d(nn.Module):
             y = y * self._rectify_ratio(x, y)
         if y.shape[0] == 0:
             return y[:, : self.channels]
-        backend = _backend.resolve(self.backend, y)
-        scale, shift = batch_norm_scale_shift(y, [self.bn0], backend) if self.use_bn else identity_scale_shift(y)
-        def attention(gap: Tensor) -> Tensor:
-            return radix_softmax(self._mlp(gap), self.radix, self.cardinality, backend)
+        scale, shift = batch_norm_scale_shift(y, [self.bn0], self.backend) if self.use_bn else identity_scale_shift(y)
 
-        return split_attention(y, scale, shift, attention, self.radix, backend)
+        def attention(gap: Tensor) -> Tensor:
+            return radix_softmax(self._mlp(gap), self.radix, self.cardinality, self.backend)
+
+        return split_attention(y, scale, shift, attention, self.radix, self.backend)
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":

@@ -104,7 +104,7 @@ def attention_sum(
     _checks.channel_vector(scale, y, "scale")
     _checks.channel_vector(shift, y, "shift")
     _checks.batch_rows(attn, y, radix * C, "attn")
-    backend = _backend.resolve(backend, y)
+    backend = _backend.resolve(backend, y, "attention_sum")
     return _attention_sum(
         _layout.dense(y), scale.contiguous(), shift.contiguous(), attn.contiguous(), radix, groups, backend
     )

@@ -67,5 +67,5 @@ _channel_stats.register_autograd(_backward, setup_context=_setup_context)
 def channel_stats(y: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(mean, biased var) per channel of y (B, C, H, W). See the module docstring."""
     _checks.rank(y, 4, "y")
-    backend = _backend.resolve(backend, y)
+    backend = _backend.resolve(backend, y, "channel_stats")
     return _channel_stats(_layout.dense(y), backend)

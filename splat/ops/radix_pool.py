@@ -86,5 +86,5 @@ def radix_pool(
     _checks.divides(groups, C, "groups", "the channels per radix")
     _checks.channel_vector(scale, y, "scale")
     _checks.channel_vector(shift, y, "shift")
-    backend = _backend.resolve(backend, y)
+    backend = _backend.resolve(backend, y, "radix_pool")
     return _radix_pool(_layout.dense(y), scale.contiguous(), shift.contiguous(), radix, groups, backend)

@@ -91,5 +91,5 @@ def radix_softmax(logits: Tensor, radix: int, cardinality: int, backend: str = "
     _checks.rank(logits, 2, "logits")
     _checks.divides(radix, logits.shape[1], "radix", "the channel count of logits")
     _checks.divides(cardinality, logits.shape[1] // radix, "cardinality", "the channels per radix")
-    backend = _backend.resolve(backend, logits)
+    backend = _backend.resolve(backend, logits, "radix_softmax")
     return _radix_softmax(logits.contiguous(), radix, cardinality, backend)

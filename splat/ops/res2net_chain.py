@@ -223,7 +223,7 @@ def res2net_chain(
             raise TypeError(f"{name} must be {acc} for x of dtype {x.dtype}, got {v.dtype}")
     if batch_stats and x.shape[0] * output_size(x.shape[2], stride) * output_size(x.shape[3], stride) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    backend = _backend.resolve(backend, x)
+    backend = _backend.resolve(backend, x, "res2net_chain")
     out, _, mean, var = _res2net_chain(
         _layout.dense(x), weight.contiguous(), gamma.contiguous(), beta.contiguous(), running_mean.contiguous(),
         running_var.contiguous(), float(eps), scale, bool(stage), stride, dilation, groups, bool(batch_stats),
