@@ -16,6 +16,10 @@
 # plus results/models-<gpu>.* from bench_models.py; beyond 8 files, the least useful (junit.xml,
 # the pngs, models md) are packed into $OUT/extra.tar.gz.
 #
+# Afterwards, on the machine that fetched $OUT: copy results/blocks-<gpu>.{json,md,png} to
+# benchmarks/results/ and run `python3 benchmarks/auto_table.py benchmarks/results/blocks-<gpu>.json`
+# to write splat/auto_backend.json (backend="auto"'s measured per-op choices); commit both.
+#
 # Environment:
 #   OUT                 output folder (default /tmp/out)
 #   GPU_CHECK_SKIP      comma list of steps to skip: build,tests,sanitizer,bench,models
