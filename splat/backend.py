@@ -9,7 +9,6 @@
   by ``bench_blocks.py --auto-table``), Triton where the table has no entry; on CPU, torch.
 """
 
-import functools
 import importlib
 import importlib.util
 import json
@@ -35,7 +34,6 @@ def _triton_interpreted() -> bool:
 
 # assume_constant_result: torch.compile evaluates these once while tracing instead of tracing them.
 @torch.compiler.assume_constant_result
-@functools.cache
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'splat-kernels[triton]')"
