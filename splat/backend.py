@@ -6,7 +6,7 @@
 - ``"cuda"``: the C++/CUDA kernels of ``csrc/`` (``torch.ops.splat_cuda``); CUDA tensors only.
 - ``"auto"``: ``$SPLAT_BACKEND`` if set; else, on CUDA, the backend that ``bench_blocks.py``
   measured fastest for the op and its shape class on this device (``auto_backend.json``, written
-  by ``bench_blocks.py --auto-table``), Triton where the table has no entry; on CPU, torch.
+  from its results by ``benchmarks/auto_table.py``), Triton where the table has no entry; on CPU, torch.
 """
 
 import importlib
