@@ -124,6 +124,98 @@ def test_channel_stats(backend, dtype, layout, case):
     assert mean.dtype == var.dtype == expected_dtype
 
 
+# (B, radix, cardinality, groups, C, inter, H, W, bn0 batch stats, bn1 batch stats, relu, biases):
+# ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate, SK's (k, r, j) channel order with
+# H*W tails and no activation (the original SKConv), more channels than one tile without biases.
+SPLIT_CASES = [
+    pytest.param((3, 2, 1, 1, 6, 4, 5, 3, True, True, True, True), id="resnest"),
+    pytest.param((2, 2, 2, 1, 8, 4, 1, 1, False, False, True, True), id="card2-eval"),
+    pytest.param((2, 1, 2, 1, 4, 4, 7, 7, True, True, True, True), id="radix1"),
+    pytest.param((2, 3, 1, 2, 6, 4, 33, 40, True, False, False, True), id="sk-hw-tail"),
+    pytest.param((2, 2, 1, 4, 136, 8, 3, 3, False, True, True, False), id="c-tail-nobias"),
+]
+
+
+def expected_split_attention(case, y, w0, b0, w1, b1, g1, be1, w2, b2):
+    """The tail from its definition, in the accumulation dtype: (out, mean0, var0, mean1, var1)."""
+    B, R, G, K, C, inter, H, W, stats0, stats1, relu, _ = case
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    ya = y.to(acc)
+    empty = ya.new_zeros(0)
+    mean0, var0, mean1, var1 = empty, empty, empty, empty
+    if stats0:
+        mean0, var0 = ya.mean((0, 2, 3)), ya.var((0, 2, 3), unbiased=False)
+        pre = (ya - mean0[:, None, None]) / torch.sqrt(var0[:, None, None] + 1e-5)
+    else:
+        pre = ya
+    act = torch.relu(pre * w0[:, None, None] + b0[:, None, None]).reshape(B, K, R, C // K, H, W)
+    gap = act.sum(2).mean((3, 4)).reshape(B, C).to(y.dtype).to(acc)
+    z = torch.nn.functional.conv2d(gap[:, :, None, None], w1[:, :, None, None], b1, groups=G).flatten(1)
+    if stats1:
+        mean1, var1 = z.mean(0), z.var(0, unbiased=False)
+        z = (z - mean1) / torch.sqrt(var1 + 1e-3)
+    z = z * g1 + be1
+    if relu:
+        z = torch.relu(z)
+    logits = torch.nn.functional.conv2d(z[:, :, None, None], w2[:, :, None, None], b2, groups=G).flatten(1)
+    attn = expected_softmax(logits, R, G).reshape(B, R, K, C // K).transpose(1, 2)  # (b, k, r, j)
+    out = (act * attn[..., None, None]).sum(2).reshape(B, C, H, W)
+    return out.to(torch.promote_types(y.dtype, w2.dtype)), mean0, var0, mean1, var1
+
+
+def split_attention_inputs(case, dtype, layout=torch.contiguous_format):
+    """y, then the (R*C,) BN0 vectors, fc1, BN1 vectors and fc2 of a ``SPLIT_CASES`` case."""
+    B, R, G, K, C, inter, H, W, _, _, _, bias = case
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w0, b0 = bn_vectors(R * C, dtype)
+    g1, be1 = bn_vectors(inter, dtype)
+    return {
+        "y": rand(B, R * C, H, W, dtype=dtype, layout=layout), "w0": w0, "b0": b0,
+        "w1": rand(inter, C // G, dtype=acc), "b1": rand(inter, dtype=acc) if bias else None,
+        "g1": g1, "be1": be1,
+        "w2": rand(R * C, inter // G, dtype=acc), "b2": rand(R * C, dtype=acc) if bias else None,
+    }
+
+
+def split_attention_fn(case, names, backend):
+    """ops.split_attention as a function of the inputs ``names`` (the others are None)."""
+    B, R, G, K, C, inter, H, W, stats0, stats1, relu, _ = case
+
+    def fn(*tensors):
+        t = dict.fromkeys(("y", "w0", "b0", "w1", "b1", "g1", "be1", "w2", "b2")) | dict(zip(names, tensors))
+        return ops.split_attention(
+            t["y"], bn0=(t["w0"], t["b0"], stats0, 1e-5), fc1_weight=t["w1"], fc1_bias=t["b1"],
+            bn1=(t["g1"], t["be1"], stats1, 1e-3), relu=relu, fc2_weight=t["w2"], fc2_bias=t["b2"], radix=R,
+            cardinality=G, groups=K, backend=backend,
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_split_attention(backend, dtype, layout, case):
+    """Values and gradients of every input, through out and the returned batch statistics."""
+    inputs = {k: v for k, v in split_attention_inputs(case, dtype, layout).items() if v is not None}
+    names = list(inputs)
+
+    stats0, stats1 = case[8:10]
+
+    def nonempty(outs):  # the statistics are empty without batch_stats
+        out, mean0, var0, mean1, var1 = outs
+        return (out,) + ((mean0, var0) if stats0 else ()) + ((mean1, var1) if stats1 else ())
+
+    def expected(*tensors):
+        t = dict.fromkeys(("b1", "b2")) | dict(zip(names, tensors))
+        return nonempty(expected_split_attention(case, **t))
+
+    fn = split_attention_fn(case, names, backend)
+    out, *_ = check_op(lambda *t: nonempty(fn(*t)), expected, list(inputs.values()), dtype, "split_attention")
+    assert out.is_contiguous(memory_format=layout), "the output must keep the input's memory format"
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_attention_sum_promotes_mixed_dtypes(backend):
     """Float32 weights on a lower-precision conv output give a float32 result, as the reference's multiply does."""
@@ -161,6 +253,19 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda x: ops.channel_stats(x, backend), (y,))
 
 
+@pytest.mark.parametrize("case", [SPLIT_CASES[0], SPLIT_CASES[2], SPLIT_CASES[3]])
+@pytest.mark.parametrize("backend", backend_params())
+def test_split_attention_gradcheck(backend, case):
+    """float64 gradcheck of out with respect to every input, on small sizes. The interpreter makes
+    the Triton kernels slow, so there it checks along random directions (fast_mode)."""
+    _, R, G, K, _, _, _, _, *flags = case
+    small, fast = (2, R, G, K, 2 * K * G, 2 * G, 2, 3, *flags), backend == "triton"
+    inputs = {k: v for k, v in split_attention_inputs(small, torch.float64).items() if v is not None}
+    fn = split_attention_fn(small, list(inputs), backend)
+    tensors = [t.requires_grad_() for t in inputs.values()]
+    assert torch.autograd.gradcheck(lambda *t: fn(*t)[0], tensors, fast_mode=fast)
+
+
 def opcheck_cases(backend):
     B, R, K, C, H, W = 2, 2, 2, 4, 3, 3
     y = rand(B, R * C, H, W, requires_grad=True)
@@ -184,7 +289,22 @@ def opcheck_cases(backend):
         (splat.channel_stats, (y, backend)),
         (splat.channel_stats, (y_nhwc, backend)),
         (splat.channel_stats_backward, (rand(R * C), rand(R * C), saved[0], rand(R * C), backend)),
+        (splat.split_attention_backward_sums, (rand(B, C, H, W), *saved, R, 1, backend)),
+        (splat.split_attention_backward_dy, (rand(B, C, H, W), *saved[:3], rand(B, R * C), rand(B, R * C),
+                                             rand(R * C), rand(R * C), R, 2, backend)),
+    ] + [
+        (splat.split_attention, split_attention_args(case, layout, backend))
+        for case, layout in ((SPLIT_CASES[0], torch.contiguous_format), (SPLIT_CASES[4], torch.channels_last))
     ]
+
+
+def split_attention_args(param, layout, backend):
+    """The raw op's arguments for a ``SPLIT_CASES`` case, every tensor requiring grad."""
+    case = param.values[0]
+    B, R, G, K, C, inter, H, W, stats0, stats1, relu, _ = case
+    t = {k: v if v is None else v.requires_grad_() for k, v in split_attention_inputs(case, torch.float64, layout).items()}
+    return (t["y"], t["w0"], t["b0"], stats0, 1e-5, t["w1"], t["b1"], t["g1"], t["be1"], stats1, 1e-3, relu,
+            t["w2"], t["b2"], R, G, K, torch.float64, backend)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -205,6 +325,9 @@ def test_deterministic(backend):
     second = torch.ops.splat.attention_sum_backward(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert all(torch.equal(a, b) for a, b in zip(ops.channel_stats(y, backend), ops.channel_stats(y, backend)))
+    first = torch.ops.splat.split_attention_backward_sums(*args)
+    second = torch.ops.splat.split_attention_backward_sums(*args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -237,6 +360,25 @@ def test_bad_input():
         ops.radix_softmax(rand(2, 8), 2, 3)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.radix_pool(y, scale, shift, 2, backend="fast")
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"w0": rand(5)}, ValueError, "bn0 weight must have 12 elements, got 5"),
+        ({"w1": rand(4, 5)}, ValueError, r"fc1_weight must have shape \(4, 6\)"),
+        ({"w2": rand(12, 3)}, ValueError, r"fc2_weight must have shape \(12, 4\)"),
+        ({"b2": rand(6)}, ValueError, "fc2_bias must have 12 elements"),
+        ({"g1": rand(4).long()}, TypeError, "bn1 weight must be a floating-point"),
+        ({"y": rand(1, 12, 1, 1)}, ValueError, "Expected more than 1 value per channel when training"),
+    ],
+)
+def test_split_attention_bad_input(change, error, match):
+    case = SPLIT_CASES[0].values[0]
+    inputs = split_attention_inputs(case, torch.float64) | change
+    names = list(inputs)
+    with pytest.raises(error, match=match):
+        split_attention_fn(case, names, "torch")(*inputs.values())
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU-only error")

@@ -8,6 +8,7 @@ memory than the device has, fails here rather than on the first GPU that runs it
 import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ SCRIPT = Path(__file__).with_name("triton_aot.py")
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 # The benchmark's stage shapes (their block sizes) compile for the H100 in bfloat16, the dtype of the targets.
 BENCHMARK_DTYPES = {90: ("bfloat16",), 80: ()}
-KERNEL_MODULES = ("attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,12 @@ def compiles():
 
 
 def _launched_kernels() -> set[str]:
+    """Every ``@triton.jit`` ``*_kernel`` of splat.kernels."""
+    import splat.kernels
+
     names = set()
-    for module in KERNEL_MODULES:
-        mod = importlib.import_module(f"splat.kernels.{module}")
+    for module in pkgutil.iter_modules(splat.kernels.__path__):
+        mod = importlib.import_module(f"splat.kernels.{module.name}")
         names.update(name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "fn"))
     return names
 

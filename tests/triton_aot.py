@@ -85,6 +85,23 @@ def _tail_ops(B, radix, C, H, W, dtype, layout, groups=1):
     (out.to(acc).sum() + gap.to(acc).sum()).backward()
 
 
+def _split_attention(B, radix, C, H, W, dtype, layout, groups=1):
+    """The whole-tail op forward and backward, training statistics, on one shape."""
+    from splat import ops
+
+    y = _empty((B, radix * C, H, W), dtype, layout, requires_grad=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inter = max(C // 2, 32)
+    ones = torch.ones(radix * C, dtype=acc, requires_grad=True)
+    bn1 = (torch.ones(inter, dtype=acc), torch.zeros(inter, dtype=acc), True, 1e-5)
+    out, *_ = ops.split_attention(
+        y, bn0=(ones, torch.zeros_like(ones), True, 1e-5), fc1_weight=_empty((inter, C), acc), fc1_bias=None,
+        bn1=bn1, relu=True, fc2_weight=_empty((radix * C, inter), acc), fc2_bias=None, radix=radix,
+        groups=groups, backend="triton",
+    )
+    out.to(acc).sum().backward()
+
+
 def _blocks(dtype, layout):
     """Each fused block, train and eval, forward and backward, on small inputs."""
     import splat
@@ -123,6 +140,7 @@ def _benchmark_shapes(dtype, layout):
     """The stage shapes bench_blocks.py times (batch 64 at 224), so their block sizes compile too."""
     for C, H in ((64, 56), (128, 28), (256, 14), (512, 7)):
         _tail_ops(64, 2, C, H, H, dtype, layout)
+        _split_attention(64, 2, C, H, H, dtype, layout)
     for width, H in ((26, 56), (52, 28), (104, 14), (208, 7)):
         for stage in (False, True):
             _res2net_chain(64, width, H, stage, dtype, layout)
@@ -134,6 +152,7 @@ def main(arch: int, benchmark_dtypes: tuple) -> int:
         for layout in LAYOUTS:
             for radix, groups in ((1, 1), (2, 1), (4, 2)):
                 _tail_ops(3, radix, 12, 5, 7, dtype, layout, groups)
+                _split_attention(3, radix, 12, 5, 7, dtype, layout, groups)
             _blocks(dtype, layout)
             if dtype in benchmark_dtypes:
                 _benchmark_shapes(dtype, layout)

@@ -5,6 +5,7 @@ from splat.kernels.channel_stats import channel_stats_backward, channel_stats_fo
 from splat.kernels.radix_pool import radix_pool_backward, radix_pool_forward
 from splat.kernels.radix_softmax import radix_softmax_backward, radix_softmax_forward
 from splat.kernels.res2net_chain import res2net_chain_backward, res2net_chain_forward
+from splat.kernels.split_attention import split_attention_backward_dy, split_attention_backward_sums
 
 __all__ = [
     "attention_sum_backward",
@@ -17,4 +18,6 @@ __all__ = [
     "radix_softmax_forward",
     "res2net_chain_backward",
     "res2net_chain_forward",
+    "split_attention_backward_dy",
+    "split_attention_backward_sums",
 ]

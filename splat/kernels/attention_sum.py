@@ -45,9 +45,12 @@ def _attention_sum_forward_kernel(
 @triton.jit
 def _attention_sum_backward_kernel(
     dout_ptr, y_ptr, scale_ptr, shift_ptr, attn_ptr, dy_ptr, dscale_ptr, dshift_ptr, dattn_ptr,
+    sum_my_ptr, sum_m_ptr,
     C, HW, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, WRITE_DY: tl.constexpr, MASK_SUMS: tl.constexpr,
 ):
+    # WRITE_DY=False, MASK_SUMS=True is the first backward pass of splat::split_attention: no dy,
+    # and per (b, channel) sums of m*y and m (m = [pre > 0]) instead.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -64,6 +67,8 @@ def _attention_sum_backward_kernel(
         acc_scale = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
         acc_shift = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
         acc_attn = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+        acc_my = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
+        acc_m = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
         for hw0 in range(0, HW, BLOCK_HW):
             mask = c_mask[:, None] & (hw0 + hw < HW)[None, :]
             offs = tile_offsets(b, ch, hw0 + hw, stride_yb, stride_yc, stride_yhw)
@@ -72,13 +77,21 @@ def _attention_sum_backward_kernel(
             d = tl.load(dout_ptr + out_offs, mask=mask, other=0.0).to(acc_dtype)
             act, pos = bn_relu(v, scale, shift)
             gm = tl.where(pos, d * a[:, None], 0.0)
-            tl.store(dy_ptr + offs, gm * scale[:, None], mask=mask)
+            if WRITE_DY:
+                tl.store(dy_ptr + offs, gm * scale[:, None], mask=mask)
+            if MASK_SUMS:
+                acc_my += tl.where(pos, v, 0.0)
+                acc_m += tl.where(pos & mask, 1.0, 0.0)
             acc_scale += gm * v
             acc_shift += gm
             acc_attn += d * act
-        tl.store(dscale_ptr + b * C * R + ch, tl.sum(acc_scale, axis=1), mask=c_mask)
-        tl.store(dshift_ptr + b * C * R + ch, tl.sum(acc_shift, axis=1), mask=c_mask)
-        tl.store(dattn_ptr + b * C * R + ch, tl.sum(acc_attn, axis=1), mask=c_mask)
+        row = b * C * R + ch
+        tl.store(dscale_ptr + row, tl.sum(acc_scale, axis=1), mask=c_mask)
+        tl.store(dshift_ptr + row, tl.sum(acc_shift, axis=1), mask=c_mask)
+        tl.store(dattn_ptr + row, tl.sum(acc_attn, axis=1), mask=c_mask)
+        if MASK_SUMS:
+            tl.store(sum_my_ptr + row, tl.sum(acc_my, axis=1), mask=c_mask)
+            tl.store(sum_m_ptr + row, tl.sum(acc_m, axis=1), mask=c_mask)
 
 
 def attention_sum_forward(y, scale, shift, attn, radix, groups):
@@ -101,19 +114,26 @@ def attention_sum_forward(y, scale, shift, attn, radix, groups):
     return out
 
 
-def attention_sum_backward(dout, y, scale, shift, attn, radix, groups):
-    """dout (B, C, H, W) in y's layout -> dy (like y), dscale, dshift (R*C,), dattn (like attn)."""
+def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_sums=None):
+    """Launch the backward kernel: per (b, channel) partials of dscale, dshift and dattn; writes dy
+    when given, and the sums of m*y and m into ``mask_sums`` ((B, R*C) pair) when given."""
     B, RC, H, W = y.shape
     C = RC // radix
-    dy = _layout.empty(y.shape, y)
     partial_scale = _layout.empty((B, RC), scale)
     partial_shift = _layout.empty((B, RC), scale)
     dattn = _layout.empty((B, RC), attn)
+    sum_my, sum_m = mask_sums if mask_sums is not None else (partial_scale, partial_shift)
     if B > 0:
         block_c, block_hw = tile_shape(y, C, reduce_hw=True)
         _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c))](
-            dout, y, scale, shift, attn, dy, partial_scale, partial_shift, dattn,
-            C, H * W, radix, C // groups, *strides(y), *strides(dout),
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            dout, y, scale, shift, attn, y if dy is None else dy, partial_scale, partial_shift, dattn,
+            sum_my, sum_m, C, H * W, radix, C // groups, *strides(y), *strides(dout),
+            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums is not None,
         )
-    return dy, partial_scale.sum(0), partial_shift.sum(0), dattn
+    return partial_scale.sum(0), partial_shift.sum(0), dattn
+
+
+def attention_sum_backward(dout, y, scale, shift, attn, radix, groups):
+    """dout (B, C, H, W) in y's layout -> dy (like y), dscale, dshift (R*C,), dattn (like attn)."""
+    dy = _layout.empty(y.shape, y)
+    return (dy, *backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=dy))

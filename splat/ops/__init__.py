@@ -9,5 +9,6 @@ from splat.ops.channel_stats import channel_stats
 from splat.ops.radix_pool import radix_pool
 from splat.ops.radix_softmax import radix_softmax
 from splat.ops.res2net_chain import res2net_chain
+from splat.ops.split_attention import split_attention
 
-__all__ = ["attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain"]
+__all__ = ["attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain", "split_attention"]

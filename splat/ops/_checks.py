@@ -53,3 +53,11 @@ def batch_rows(t: torch.Tensor, y: torch.Tensor, channels: int, name: str) -> No
     if tuple(t.shape) != (y.shape[0], channels):
         raise ValueError(f"{name} must have shape {(y.shape[0], channels)}, got {tuple(t.shape)}")
 
+
+
+def vector(v: torch.Tensor, y: torch.Tensor, n: int, name: str) -> None:
+    """A floating (n,) parameter vector on y's device."""
+    rank(v, 1, name)
+    same_device(v, y, name, "y")
+    if v.shape[0] != n:
+        raise ValueError(f"{name} must have {n} elements, got {v.shape[0]}")

@@ -1,0 +1,346 @@
+"""``splat::split_attention``: the whole split-attention tail after the conv, as one autograd node.
+
+    pre  = bn0(y)                           y (B, R*C, H, W), BN0 per channel of y
+    gap  = mean_hw(sum_r relu(pre_r))       (B, C)
+    z    = fc2(act(bn1(fc1(gap))))          fc1, fc2: linear maps with ``cardinality`` groups
+    attn = softmax over r of z              sigmoid for R == 1
+    out  = sum_r attn_r * relu(pre_r)       (B, C, H, W) in y's layout, dtype ``out_dtype``
+
+Channel orders. y's channel (r, c) is k*(R*C/K) + r*(C/K) + j with c = k*(C/K) + j and K =
+``groups`` (1: radix-major, ResNeSt; the SK buffer of one grouped conv: K > 1). The logits z are
+cardinal-major: (k, r, j) at k*(R*C/G) + r*(C/G) + j with G = ``cardinality`` (ResNeSt's fc2
+output; SK's stacked fcs are G = 1, branch-major).
+
+BN0 and BN1 are each given as (weight, bias, batch_stats, eps): with batch_stats, the batch's mean
+and biased variance normalise before the affine map (training-mode BN; the op returns them so
+that the caller updates running statistics); without, (weight, bias) *are* the affine map (eval
+mode folded, or identity). ``relu`` applies ReLU after BN1.
+
+Why one node: the backward of the separate ops (channel_stats, radix_pool, attention_sum) writes
+three full-size gradients of y that autograd then adds, about 13 passes over y's size. Spanning
+the tiny MLP lets the backward read y and dout twice and write dy once:
+1. ``split_attention_backward_sums``: per (b, channel of y), dattn = sum_hw dout*relu(pre), the
+   attention-weighted sums that give dscale and dshift, and sum_hw m*y, sum_hw m (m = [pre > 0]),
+   which carry the pool's share of dscale and dshift once dgap is known;
+2. the MLP and BN backward on (B, C)-sized vectors, here in PyTorch;
+3. ``split_attention_backward_dy``: dy = m*(alpha*dout + beta) + gamma + delta*y, alpha and beta
+   per (b, channel), gamma and delta per channel (the batch statistics' share).
+The conv output y and (B, C) vectors are all the backward keeps.
+"""
+
+import torch
+from torch import Tensor
+
+from splat import _layout
+from splat import backend as _backend
+from splat.ops import _checks
+from splat.ops.attention_sum import _torch_backward as _attention_sum_backward_reference
+from splat.ops.attention_sum import _torch_forward as _attention_sum_reference
+from splat.ops.channel_stats import _torch_forward as _channel_stats_reference
+from splat.ops.radix_pool import _torch_forward as _radix_pool_reference
+
+
+def _to_y_order(t: Tensor, radix: int, groups: int) -> Tensor:
+    """(B, R, C) indexed (r, c) -> (B, R*C) in y's channel order."""
+    B, R, C = t.shape
+    return t.reshape(B, R, groups, C // groups).transpose(1, 2).reshape(B, R * C)
+
+
+def _from_y_order(t: Tensor, radix: int, groups: int) -> Tensor:
+    """(B, R*C) in y's channel order -> (B, R, C) indexed (r, c)."""
+    B, RC = t.shape
+    return t.reshape(B, groups, radix, RC // (radix * groups)).transpose(1, 2).reshape(B, radix, RC // radix)
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    B, O = x.shape[0], weight.shape[0]
+    out = torch.einsum("bgi,goi->bgo", x.reshape(B, groups, -1), weight.reshape(groups, O // groups, -1))
+    out = out.reshape(B, O)
+    return out if bias is None else out + bias
+
+
+def _grouped_linear_backward(dout: Tensor, x: Tensor, weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(dx, dweight) of ``_grouped_linear``; dbias is dout.sum(0)."""
+    B, O = dout.shape
+    d = dout.reshape(B, groups, O // groups)
+    dx = torch.einsum("bgo,goi->bgi", d, weight.reshape(groups, O // groups, -1)).reshape(x.shape)
+    dw = torch.einsum("bgo,bgi->goi", d, x.reshape(B, groups, -1)).reshape(weight.shape)
+    return dx, dw
+
+
+def _normalize(x: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool, eps: float, mean=None, var=None):
+    """BN of x (N, F) over N as (scale, shift) per feature, with the batch (mean, var) or None."""
+    if not batch_stats:
+        return weight, bias, None
+    if mean is None:
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+    scale = weight * torch.rsqrt(var + eps)
+    return scale, bias - mean * scale, (mean, var)
+
+
+class _Mlp:
+    """gap (B, C) -> attention weights (B, R*C) in y's order, keeping what the backward needs."""
+
+    def __init__(self, gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
+                 fc2_weight, fc2_bias, radix, cardinality, groups, acc, mean1=None, var1=None):
+        cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+        self.radix, self.cardinality, self.groups, self.relu = radix, cardinality, groups, relu
+        self.gap = gap.to(acc)
+        self.fc1_weight, self.fc2_weight = cast(fc1_weight), cast(fc2_weight)
+        self.bn1_weight, self.bn1_eps = cast(bn1_weight), bn1_eps
+        self.z1 = _grouped_linear(self.gap, self.fc1_weight, cast(fc1_bias), cardinality)
+        self.scale1, shift1, self.stats1 = _normalize(
+            self.z1, self.bn1_weight, cast(bn1_bias), bn1_batch_stats, bn1_eps, mean1, var1
+        )
+        self.z2 = self.z1 * self.scale1 + shift1
+        self.h = torch.relu(self.z2) if relu else self.z2
+        logits = _grouped_linear(self.h, self.fc2_weight, cast(fc2_bias), cardinality)
+        B, RC = logits.shape
+        if radix == 1:
+            self.s = torch.sigmoid(logits)
+        else:
+            self.s = logits.reshape(B, cardinality, radix, RC // (radix * cardinality)).softmax(2)
+        attn_rc = self.s.reshape(B, cardinality, radix, -1).transpose(1, 2).reshape(B, radix, RC // radix)
+        self.attn = _to_y_order(attn_rc, radix, groups)
+
+    def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None):
+        """dattn (B, R*C) in y's order -> (dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias,
+        dfc2_weight, dfc2_bias), in the accumulation dtype."""
+        R, G = self.radix, self.cardinality
+        B, RC = dattn.shape
+        ds = _from_y_order(dattn, R, self.groups).reshape(B, R, G, RC // (R * G)).transpose(1, 2)
+        ds = ds.reshape(self.s.shape)
+        if R == 1:
+            dlogits = ds * self.s * (1 - self.s)
+        else:
+            dlogits = self.s * (ds - (self.s * ds).sum(2, keepdim=True))
+        dlogits = dlogits.reshape(B, RC)
+        dh, dfc2_weight = _grouped_linear_backward(dlogits, self.h, self.fc2_weight, G)
+        dz2 = dh * (self.z2 > 0) if self.relu else dh
+        if self.stats1 is None:
+            dbn1_weight, dz1 = (dz2 * self.z1).sum(0), dz2 * self.scale1
+        else:
+            mean1, var1 = self.stats1
+            rstd = torch.rsqrt(var1 + self.bn1_eps)
+            xhat = (self.z1 - mean1) * rstd
+            dbn1_weight = (dz2 * xhat).sum(0)
+            dxhat = dz2 * self.bn1_weight
+            dz1 = rstd * (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0))
+            if dmean1 is not None:
+                dz1 = dz1 + dmean1 / B
+            if dvar1 is not None:
+                dz1 = dz1 + (2 / B) * dvar1 * (self.z1 - mean1)
+        dgap, dfc1_weight = _grouped_linear_backward(dz1, self.gap, self.fc1_weight, G)
+        return dgap, dfc1_weight, dz1.sum(0), dbn1_weight, dz2.sum(0), dfc2_weight, dlogits.sum(0)
+
+
+def _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend, mean0=None, var0=None):
+    """(scale, shift, stats) of BN0 in the accumulation dtype; computes the batch stats when needed."""
+    acc = _layout.acc_dtype(y.dtype)
+    if bn0_batch_stats and mean0 is None:
+        mean0, var0 = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
+    return _normalize(None, bn0_weight.to(acc), bn0_bias.to(acc), bn0_batch_stats, bn0_eps, mean0, var0)
+
+
+def _torch_backward_sums(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, radix: int,
+                         groups: int):
+    _, dscale, dshift, dattn = _attention_sum_backward_reference(dout, y, scale, shift, attn, radix, groups)
+    m = (y.to(scale.dtype) * scale[:, None, None] + shift[:, None, None] > 0).to(scale.dtype)
+    return dscale, dshift, dattn.to(scale.dtype), (m * y.to(scale.dtype)).sum((2, 3)), m.sum((2, 3))
+
+
+def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor,
+                       gamma: Tensor, delta: Tensor, radix: int, groups: int) -> Tensor:
+    B, RC, H, W = y.shape
+    y_acc = y.to(scale.dtype)
+    m = y_acc * scale[:, None, None] + shift[:, None, None] > 0
+    d = dout.to(scale.dtype).reshape(B, groups, 1, RC // (radix * groups), H, W)
+    d = d.expand(B, groups, radix, RC // (radix * groups), H, W).reshape(B, RC, H, W)
+    dy = m * (alpha[:, :, None, None] * d + beta[:, :, None, None])
+    dy = dy + gamma[:, None, None] + delta[:, None, None] * y_acc
+    return dy.to(y.dtype).contiguous(memory_format=_layout.memory_format(y))
+
+
+@torch.library.custom_op("splat::split_attention", mutates_args=())
+def _split_attention(
+    y: Tensor, bn0_weight: Tensor, bn0_bias: Tensor, bn0_batch_stats: bool, bn0_eps: float,
+    fc1_weight: Tensor, fc1_bias: Tensor | None, bn1_weight: Tensor, bn1_bias: Tensor, bn1_batch_stats: bool,
+    bn1_eps: float, relu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None, radix: int, cardinality: int,
+    groups: int, out_dtype: torch.dtype, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = _layout.acc_dtype(y.dtype)
+    scale, shift, stats0 = _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend)
+    gap = _backend.call(backend, "radix_pool_forward", _radix_pool_reference, y, scale, shift, radix, groups)
+    with torch.autocast(y.device.type, enabled=False):
+        mlp = _Mlp(gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
+                   fc2_weight, fc2_bias, radix, cardinality, groups, acc)
+    out = _backend.call(
+        backend, "attention_sum_forward", _attention_sum_reference,
+        y, scale, shift, mlp.attn.to(out_dtype), radix, groups,
+    )
+    mean0, var0 = stats0 if stats0 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
+    mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
+    return out.to(out_dtype), mean0, var0, mean1, var1, gap
+
+
+@_split_attention.register_fake
+def _fake(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias,
+          bn1_batch_stats, bn1_eps, relu, fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend):
+    B, RC, H, W = y.shape
+    acc = _layout.acc_dtype(y.dtype)
+    n0 = RC if bn0_batch_stats else 0
+    n1 = fc1_weight.shape[0] if bn1_batch_stats else 0
+    return (
+        _layout.empty((B, RC // radix, H, W), y, dtype=out_dtype),
+        y.new_empty(n0, dtype=acc), y.new_empty(n0, dtype=acc),
+        y.new_empty(n1, dtype=acc), y.new_empty(n1, dtype=acc),
+        y.new_empty((B, RC // radix)),
+    )
+
+
+def fake_backward_sums(dout, y, scale, shift, attn, radix, groups):
+    """Shapes of the first backward pass (``splat_cuda::split_attention_backward_sums`` shares it)."""
+    B, RC = y.shape[:2]
+    rows = lambda: y.new_empty((B, RC), dtype=scale.dtype)  # noqa: E731
+    return torch.empty_like(scale), torch.empty_like(scale), rows(), rows(), rows()
+
+
+def fake_backward_dy(dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups):
+    """Shape of the second backward pass (``splat_cuda::split_attention_backward_dy`` shares it)."""
+    return _layout.empty(y.shape, y)
+
+
+@torch.library.custom_op("splat::split_attention_backward_sums", mutates_args=())
+def _backward_sums(
+    dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, radix: int, groups: int, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backend.call(
+        backend, "split_attention_backward_sums", _torch_backward_sums, dout, y, scale, shift, attn, radix, groups
+    )
+
+
+_backward_sums.register_fake(lambda *args: fake_backward_sums(*args[:-1]))
+
+
+@torch.library.custom_op("splat::split_attention_backward_dy", mutates_args=())
+def _backward_dy(
+    dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
+    delta: Tensor, radix: int, groups: int, backend: str,
+) -> Tensor:
+    return _backend.call(
+        backend, "split_attention_backward_dy", _torch_backward_dy,
+        dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups,
+    )
+
+
+_backward_dy.register_fake(lambda *args: fake_backward_dy(*args[:-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    (y, bn0_weight, bn0_bias, _, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias, _, bn1_eps, relu,
+     fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend) = inputs
+    _, mean0, var0, mean1, var1, gap = output
+    ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias,
+                          fc2_weight, fc2_bias, mean0, var0, mean1, var1, gap)
+    ctx.bn0_batch_stats, ctx.bn1_batch_stats = inputs[3], inputs[9]
+    ctx.config = (bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend)
+
+
+def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, dgap_out):
+    (y, bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias, fc2_weight, fc2_bias,
+     mean0, var0, mean1, var1, gap) = ctx.saved_tensors
+    bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend = ctx.config
+    acc = _layout.acc_dtype(y.dtype)
+    B, RC, H, W = y.shape
+    stats0 = (mean0, var0) if ctx.bn0_batch_stats else (None, None)
+    scale, shift, _ = _y_affine(y, bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, backend, *stats0)
+    stats1 = (mean1, var1) if ctx.bn1_batch_stats else (None, None)
+    mlp = _Mlp(gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu,
+               fc2_weight, fc2_bias, radix, cardinality, groups, acc, *stats1)
+    attn = mlp.attn.to(out_dtype).to(acc)
+    dout = dout.contiguous(memory_format=_layout.memory_format(y))
+    dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
+    dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(
+        dattn, dmean1 if ctx.bn1_batch_stats else None, dvar1 if ctx.bn1_batch_stats else None
+    )
+    if dgap_out is not None:
+        dgap = dgap + dgap_out.to(acc)
+    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), radix, groups)
+    dscale = dscale + (pool * sum_my).sum(0)
+    dshift = dshift + (pool * sum_m).sum(0)
+    if ctx.bn0_batch_stats:
+        rstd = torch.rsqrt(var0 + bn0_eps)
+        dbn0_bias = dshift
+        dscale_stats = dscale - dshift * mean0
+        dbn0_weight = dscale_stats * rstd
+        dmean = -dshift * scale + (dmean0 if dmean0 is not None else 0)
+        dvar = -0.5 * dscale_stats * bn0_weight.to(acc) * rstd**3 + (dvar0 if dvar0 is not None else 0)
+        n = B * H * W
+        gamma, delta = (dmean - 2 * dvar * mean0) / n, 2 * dvar / n
+    else:
+        dbn0_weight, dbn0_bias = dscale, dshift
+        gamma = delta = torch.zeros_like(scale)
+    dy = _backward_dy(dout, y, scale, shift, scale * attn, scale * pool, gamma, delta, radix, groups, backend)
+    grads = (dbn0_weight, dbn0_bias, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias)
+    params = (bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias, fc2_weight, fc2_bias)
+    grads = [None if p is None else g.to(p.dtype) for g, p in zip(grads, params)]
+    g0w, g0b, g1w, g1b, gbw, gbb, g2w, g2b = grads
+    return dy, g0w, g0b, None, None, g1w, g1b, gbw, gbb, None, None, None, g2w, g2b, None, None, None, None, None
+
+
+_split_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def split_attention(
+    y: Tensor, *, bn0: tuple, fc1_weight: Tensor, fc1_bias: Tensor | None, bn1: tuple, relu: bool,
+    fc2_weight: Tensor, fc2_bias: Tensor | None, radix: int, cardinality: int = 1, groups: int = 1,
+    out_dtype: torch.dtype | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The split-attention tail (see the module docstring): returns (out, mean0, var0, mean1, var1).
+
+    y (B, R*C, H, W) NCHW or NHWC; ``bn0`` = (weight, bias, batch_stats, eps) with (R*C,) vectors in
+    y's channel order; fc1_weight (I, C/G), fc1_bias (I,) or None; ``bn1`` = (weight, bias,
+    batch_stats, eps) with (I,) vectors; fc2_weight (R*C, I/G), fc2_bias (R*C,) or None (G =
+    ``cardinality``). out (B, C, H, W) in y's layout, of ``out_dtype`` (default: promote(y, fc2_weight)).
+    (mean0, var0) (R*C,) and (mean1, var1) (I,) are the batch statistics where batch_stats is set,
+    else empty; the accumulation dtype.
+    """
+    C = _checks.conv_output(y, radix)
+    _checks.divides(groups, C, "groups", "the channels per radix")
+    _checks.divides(cardinality, C, "cardinality", "the channels per radix")
+    bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps = bn0
+    bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps = bn1
+    for v, name in ((bn0_weight, "bn0 weight"), (bn0_bias, "bn0 bias")):
+        _checks.vector(v, y, y.shape[1], name)
+    _checks.rank(fc1_weight, 2, "fc1_weight")
+    _checks.same_device(fc1_weight, y, "fc1_weight", "y")
+    inter = fc1_weight.shape[0]
+    _checks.divides(cardinality, inter, "cardinality", "fc1's output channels")
+    if fc1_weight.shape[1] * cardinality != C:
+        raise ValueError(f"fc1_weight must have shape ({inter}, {C // cardinality}), got {tuple(fc1_weight.shape)}")
+    if fc1_bias is not None:
+        _checks.vector(fc1_bias, y, inter, "fc1_bias")
+    _checks.vector(bn1_weight, y, inter, "bn1 weight")
+    _checks.vector(bn1_bias, y, inter, "bn1 bias")
+    _checks.rank(fc2_weight, 2, "fc2_weight")
+    _checks.same_device(fc2_weight, y, "fc2_weight", "y")
+    if tuple(fc2_weight.shape) != (y.shape[1], inter // cardinality):
+        raise ValueError(
+            f"fc2_weight must have shape ({y.shape[1]}, {inter // cardinality}), got {tuple(fc2_weight.shape)}"
+        )
+    if fc2_bias is not None:
+        _checks.vector(fc2_bias, y, y.shape[1], "fc2_bias")
+    n0, n1 = y.shape[0] * y.shape[2] * y.shape[3], y.shape[0]
+    for batch_stats, n, shape in ((bn0_batch_stats, n0, y.shape), (bn1_batch_stats, n1, (n1, inter, 1, 1))):
+        if batch_stats and n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+    if out_dtype is None:
+        out_dtype = torch.promote_types(y.dtype, fc2_weight.dtype)
+    backend = _backend.resolve(backend, y, "split_attention")
+    out, mean0, var0, mean1, var1, _ = _split_attention(
+        _layout.dense(y), bn0_weight.contiguous(), bn0_bias.contiguous(), bool(bn0_batch_stats), float(bn0_eps),
+        fc1_weight.contiguous(), None if fc1_bias is None else fc1_bias.contiguous(), bn1_weight.contiguous(),
+        bn1_bias.contiguous(), bool(bn1_batch_stats), float(bn1_eps), bool(relu), fc2_weight.contiguous(),
+        None if fc2_bias is None else fc2_bias.contiguous(), radix, cardinality, groups, out_dtype, backend,
+    )
+    return out, mean0, var0, mean1, var1
