@@ -1,5 +1,6 @@
 // attention_sum: out[b, c, hw] = sum_r attn[b, r*C + c] * relu(y[b, r*C + c, hw] * scale + shift),
-// reading y once and writing out once, and its backward. With groups K, channel r*C + c of the
+// reading y once and writing out once, and its backward, whose kernels also run the first backward
+// pass of split_attention (split_attention_backward_sums). With groups K, channel r*C + c of the
 // formula (of y, scale, shift and attn) is grouped_first(c) + r*C/K (common.cuh).
 //
 // out has dtype promote(y, attn). The kernels write it either in y's dtype or in the accumulation
@@ -93,68 +94,97 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// NCHW backward: one group per row (b, ch) writes dy and the row's dscale, dshift and dattn terms.
-template <typename T, typename D>
+// The backward kernels serve two ops. attention_sum's backward writes dy and reduces per row the
+// dscale, dshift and dattn terms; split_attention's first backward pass (kMaskSums) leaves dy to its
+// second pass and also reduces sum m*y and sum m (m = [pre > 0]), which carry the pool's share of
+// dscale and dshift.
+template <bool kMaskSums>
+constexpr int kBackwardSums = kMaskSums ? 5 : 3;
+
+// Where the kernels write the reductions of a row (or of a split of one): dscale and dshift terms,
+// dattn, then the mask sums.
+template <typename A, int N>
+struct SumsOut {
+  A* at[N];
+};
+
+// Folds one element into the row's sums; returns its dy.
+template <typename A, int N>
+__device__ __forceinline__ A backward_element(Sums<A, N>& acc, A x, A go, A s, A t, A a) {
+  const A pre = affine(x, s, t);
+  const bool on = pre > A(0);
+  const A dy = on ? go * a * s : A(0);
+  acc.v[0] += on ? go * x : A(0);
+  acc.v[1] += on ? go : A(0);
+  acc.v[2] += go * relu(pre);
+  if constexpr (N == kBackwardSums<true>) {
+    acc.v[3] += on ? x : A(0);
+    acc.v[4] += on ? A(1) : A(0);
+  }
+  return dy;
+}
+
+// The dscale and dshift terms carry the row's attention weight; dattn and the mask sums do not.
+template <typename A, int N>
+__device__ __forceinline__ void write_sums(const SumsOut<A, N>& out, int64_t at, A a, const Sums<A, N>& total) {
+  out.at[0][at] = a * total.v[0];
+  out.at[1][at] = a * total.v[1];
+#pragma unroll
+  for (int i = 2; i < N; ++i) out.at[i][at] = total.v[i];
+}
+
+// NCHW backward: one group per row (b, ch) reduces the row's sums, and writes dy unless kMaskSums.
+template <typename T, typename D, bool kMaskSums>
 __global__ void __launch_bounds__(kMaxBlock)
     sum_backward_nchw(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, T* __restrict__ dy,
-                      acc_t<T>* __restrict__ dscale_part, acc_t<T>* __restrict__ dshift_part,
-                      acc_t<T>* __restrict__ dattn, int64_t rows, int64_t C, int64_t RC, Groups gs, int64_t hw,
-                      int group) {
+                      SumsOut<acc_t<T>, kBackwardSums<kMaskSums>> out, int64_t rows, int64_t C, int64_t RC,
+                      Groups gs, int64_t hw, int group) {
   using A = acc_t<T>;
+  using S = Sums<A, kBackwardSums<kMaskSums>>;
   constexpr int V = vec_width<T>;
-  __shared__ Sums<A, 3> smem[kMaxBlock / 32];
+  __shared__ S smem[kMaxBlock / 32];
   const int lane = threadIdx.x % group;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
-  Sums<A, 3> acc{};
+  S acc{};
   A a = 0;
   if (row < rows) {
     const int64_t ch = row % RC;
     const A s = scale[ch], t = shift[ch];
     a = attn[row];
     const T* yr = y + row * hw;
-    T* dr = dy + row * hw;
     const D* gr = dout + (row / RC * C + plain_of(ch, gs)) * hw;
-    for_row<V>(hw, aligned_head<V>(hw, yr, dr, gr), lane, group, [&](int64_t i, auto w) {
+    const int64_t head = kMaskSums ? aligned_head<V>(hw, yr, gr) : aligned_head<V>(hw, yr, dy + row * hw, gr);
+    for_row<V>(hw, head, lane, group, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
       const auto v = load<W>(yr + i);
       const auto g = load<W>(gr + i);
       Pack<T, W> d;
 #pragma unroll
-      for (int k = 0; k < W; ++k) {
-        const A x = A(v.v[k]), go = A(g.v[k]);
-        const A pre = affine(x, s, t);
-        const bool on = pre > A(0);
-        d.v[k] = T(on ? go * a * s : A(0));
-        acc.v[0] += on ? go * x : A(0);
-        acc.v[1] += on ? go : A(0);
-        acc.v[2] += go * relu(pre);
-      }
-      store<W>(dr + i, d);
+      for (int k = 0; k < W; ++k) d.v[k] = T(backward_element(acc, A(v.v[k]), A(g.v[k]), s, t, a));
+      if constexpr (!kMaskSums) store<W>(dy + row * hw + i, d);
     });
   }
   acc = group_reduce(acc, group, smem);
-  if (row < rows && lane == 0) {
-    dscale_part[row] = a * acc.v[0];
-    dshift_part[row] = a * acc.v[1];
-    dattn[row] = acc.v[2];
-  }
+  if (row < rows && lane == 0) write_sums(out, row, a, acc);
 }
 
 // NHWC backward: a lane owns V contiguous channels of one radix slice (V > 1 needs V | CG, so that
-// they are V contiguous channels of dout too); per-split terms go to (B * splits, RC).
-template <typename T, typename D, int V>
+// they are V contiguous channels of dout too); per-split sums go to (B * splits, RC).
+template <typename T, typename D, bool kMaskSums, int V>
 __global__ void __launch_bounds__(kBlock)
     sum_backward_nhwc(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, T* __restrict__ dy,
-                      acc_t<T>* __restrict__ dscale_part, acc_t<T>* __restrict__ dshift_part,
-                      acc_t<T>* __restrict__ dattn_part, int64_t C, int64_t RC, Groups gs, int64_t hw,
-                      NhwcPlan p) {
+                      SumsOut<acc_t<T>, kBackwardSums<kMaskSums>> out, int64_t C, int64_t RC, Groups gs,
+                      int64_t hw, NhwcPlan p) {
   using A = acc_t<T>;
-  __shared__ Sums<A, 3> smem[kBlock * V];
+  using S = Sums<A, kBackwardSums<kMaskSums>>;
+  // Static shared memory stops at 48 KiB: 40 KiB for 16-bit y with the mask sums.
+  static_assert(sizeof(S) * kBlock * V <= 48 * 1024, "reduce_columns' states outgrow static shared memory");
+  __shared__ S smem[kBlock * V];
   const NhwcTile t = nhwc_tile(p, hw);
   const int64_t ch0 = (t.tile * p.tx + t.tx) * V;
-  Sums<A, 3> acc[V] = {};
+  S acc[V] = {};
   if (ch0 < RC) {
     A s[V], sh[V], a[V];
 #pragma unroll
@@ -171,27 +201,13 @@ __global__ void __launch_bounds__(kBlock)
       const auto g = load<V>(gb + i * C);
       Pack<T, V> d;
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const A x = A(v.v[k]), go = A(g.v[k]);
-        const A pre = affine(x, s[k], sh[k]);
-        const bool on = pre > A(0);
-        d.v[k] = T(on ? go * a[k] * s[k] : A(0));
-        acc[k].v[0] += on ? go * x : A(0);
-        acc[k].v[1] += on ? go : A(0);
-        acc[k].v[2] += go * relu(pre);
-      }
-      store<V>(dy + offset + i * RC, d);
+      for (int k = 0; k < V; ++k) d.v[k] = T(backward_element(acc[k], A(v.v[k]), A(g.v[k]), s[k], sh[k], a[k]));
+      if constexpr (!kMaskSums) store<V>(dy + offset + i * RC, d);
     }
   }
-  reduce_columns(acc, t, p, smem, [&](int col, const Sums<A, 3>& total) {
+  reduce_columns(acc, t, p, smem, [&](int col, const S& total) {
     const int64_t ch = t.tile * p.tx * V + col;
-    if (ch < RC) {
-      const A a = attn[t.batch * RC + ch];
-      const int64_t at = (t.batch * p.splits + t.split) * RC + ch;
-      dscale_part[at] = a * total.v[0];
-      dshift_part[at] = a * total.v[1];
-      dattn_part[at] = total.v[2];
-    }
+    if (ch < RC) write_sums(out, (t.batch * p.splits + t.split) * RC + ch, attn[t.batch * RC + ch], total);
   });
 }
 
@@ -250,67 +266,95 @@ at::Tensor attention_sum_forward(const at::Tensor& y_in, const at::Tensor& scale
   return out.to(out_dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backward(
+// Host side of both backward ops: dy (undefined with kMaskSums) and the sums reduced over splits,
+// and over the batch for dscale and dshift (RC,); dattn (B, RC) in attn's dtype, and with kMaskSums
+// sum m*y and sum m (B, RC).
+template <bool kMaskSums>
+std::pair<at::Tensor, std::array<at::Tensor, kBackwardSums<kMaskSums>>> sum_backward(
     const at::Tensor& dout_in, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
     const at::Tensor& attn_in, int64_t radix, int64_t groups) {
+  constexpr int N = kBackwardSums<kMaskSums>;
   check_sum_inputs(y_in, scale_in, shift_in, attn_in, radix, groups);
-  check_on_device_of(dout_in, y_in, "dout", "y");
-  check_floating(dout_in, "dout");
-  check_shape(dout_in, {y_in.size(0), y_in.size(1) / radix, y_in.size(2), y_in.size(3)}, "dout");
+  check_dout(dout_in, y_in, radix);
   const auto fmt = layout_of(y_in);
   const at::Tensor y = y_in.contiguous(fmt), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   const at::Tensor attn = attn_in.to(scale.scalar_type()).contiguous();
-  // Read in y's dtype or else in the accumulation dtype, as the reference converts it.
-  const auto dout_dtype = dout_in.scalar_type() == y.scalar_type() ? y.scalar_type() : scale.scalar_type();
-  const at::Tensor dout = dout_in.to(dout_dtype).contiguous(fmt);
+  const at::Tensor dout = dout_to_read(dout_in, y, fmt);
   const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
   const Groups gs{C / groups, RC / groups};
-  const at::Tensor dy = at::empty(y.sizes(), y.options().memory_format(fmt));
+  const at::Tensor dy = kMaskSums ? at::Tensor() : at::empty(y.sizes(), y.options().memory_format(fmt));
+  std::array<at::Tensor, N> sums;
   if (y.numel() == 0) {
-    return {dy, at::zeros_like(scale), at::zeros_like(scale), at::zeros({B, RC}, attn_in.options())};
+    sums[0] = at::zeros_like(scale);
+    sums[1] = at::zeros_like(scale);
+    sums[2] = at::zeros({B, RC}, attn_in.options());
+    for (int i = 3; i < N; ++i) sums[i] = at::zeros({B, RC}, scale.options());
+    return {dy, sums};
   }
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor dscale_part, dshift_part, dattn;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "attention_sum_backward", [&] {
+  std::array<at::Tensor, N> parts;  // (B * splits, RC); NCHW rows are not split
+  constexpr const char* name = kMaskSums ? "split_attention_backward_sums" : "attention_sum_backward";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), name, [&] {
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>;
+    scalar_t* const dy_data = kMaskSums ? nullptr : dy.mutable_data_ptr<scalar_t>();
+    const auto allocate = [&](int64_t splits) {
+      SumsOut<A, N> out;
+      for (int i = 0; i < N; ++i) {
+        at::Tensor& part = parts[i];
+        part = at::empty({B * splits, RC}, scale.options());
+        out.at[i] = part.mutable_data_ptr<A>();
+      }
+      return out;
+    };
     const auto launch = [&](auto dout_tag) {
       using D = decltype(dout_tag);
       if (fmt == at::MemoryFormat::Contiguous) {
-        dscale_part = at::empty({B, RC}, scale.options());
-        dshift_part = at::empty({B, RC}, scale.options());
-        dattn = at::empty({B, RC}, scale.options());
         const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
-        sum_backward_nchw<scalar_t, D><<<plan.blocks, plan.threads, 0, stream>>>(
+        sum_backward_nchw<scalar_t, D, kMaskSums><<<plan.blocks, plan.threads, 0, stream>>>(
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(),
-            dscale_part.mutable_data_ptr<A>(), dshift_part.mutable_data_ptr<A>(), dattn.mutable_data_ptr<A>(),
-            B * RC, C, RC, gs, hw, plan.group);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(1), B * RC, C, RC, gs, hw,
+            plan.group);
       } else {
         const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
-        dscale_part = at::empty({B * plan.splits, RC}, scale.options());
-        dshift_part = at::empty({B * plan.splits, RC}, scale.options());
-        const at::Tensor dattn_part = at::empty({B, plan.splits, RC}, scale.options());
-        const auto kernel = vec ? sum_backward_nhwc<scalar_t, D, V> : sum_backward_nhwc<scalar_t, D, 1>;
+        const auto kernel =
+            vec ? sum_backward_nhwc<scalar_t, D, kMaskSums, V> : sum_backward_nhwc<scalar_t, D, kMaskSums, 1>;
         kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(),
-            dscale_part.mutable_data_ptr<A>(), dshift_part.mutable_data_ptr<A>(),
-            dattn_part.mutable_data_ptr<A>(), C, RC, gs, hw, plan);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        dattn = dattn_part.sum(1);
+            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(plan.splits), C, RC, gs, hw,
+            plan);
       }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (dout_dtype == y.scalar_type()) {
+    if (dout.scalar_type() == y.scalar_type()) {
       launch(scalar_t{});
     } else {
       launch(A{});
     }
   });
-  return {dy, dscale_part.sum(0), dshift_part.sum(0), dattn.to(attn_in.scalar_type())};
+  sums[0] = parts[0].sum(0);
+  sums[1] = parts[1].sum(0);
+  for (int i = 2; i < N; ++i) {
+    sums[i] = fmt == at::MemoryFormat::Contiguous ? parts[i] : parts[i].view({B, -1, RC}).sum(1);
+  }
+  sums[2] = sums[2].to(attn_in.scalar_type());
+  return {dy, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backward(
+    const at::Tensor& dout, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& attn, int64_t radix, int64_t groups) {
+  const auto [dy, sums] = sum_backward<false>(dout, y, scale, shift, attn, radix, groups);
+  return {dy, sums[0], sums[1], sums[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_attention_backward_sums(
+    const at::Tensor& dout, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& attn, int64_t radix, int64_t groups) {
+  const auto sums = sum_backward<true>(dout, y, scale, shift, attn, radix, groups).second;
+  return {sums[0], sums[1], sums[2], sums[3], sums[4]};
 }
 
 }  // namespace
@@ -319,4 +363,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_sum_backwar
 TORCH_LIBRARY_IMPL(splat_cuda, CUDA, m) {
   m.impl("attention_sum_forward", &splat::attention_sum_forward);
   m.impl("attention_sum_backward", &splat::attention_sum_backward);
+  m.impl("split_attention_backward_sums", &splat::split_attention_backward_sums);
 }

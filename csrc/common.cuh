@@ -107,6 +107,19 @@ inline void check_channel_vector(const at::Tensor& v, const at::Tensor& y, const
               ", got ", v.scalar_type());
 }
 
+// dout (B, C, H, W) of an op over y (B, R*C, H, W), on y's device.
+inline void check_dout(const at::Tensor& dout, const at::Tensor& y, int64_t radix) {
+  check_on_device_of(dout, y, "dout", "y");
+  check_floating(dout, "dout");
+  check_shape(dout, {y.size(0), y.size(1) / radix, y.size(2), y.size(3)}, "dout");
+}
+
+// dout in y's layout, read in y's dtype or else in the accumulation dtype, as the references convert it.
+inline at::Tensor dout_to_read(const at::Tensor& dout, const at::Tensor& y, at::MemoryFormat fmt) {
+  const auto d = dout.scalar_type();
+  return dout.to(d == y.scalar_type() ? d : acc_dtype(y.scalar_type())).contiguous(fmt);
+}
+
 inline int sm_count(c10::DeviceIndex device) {
   static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
   int n = cache[device].load(std::memory_order_relaxed);

@@ -17,6 +17,12 @@ TORCH_LIBRARY(splat_cuda, m) {
   m.def(
       "attention_sum_backward(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix,"
       " int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "split_attention_backward_sums(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix,"
+      " int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "split_attention_backward_dy(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor alpha, Tensor beta,"
+      " Tensor gamma, Tensor delta, int radix, int groups) -> Tensor");
   m.def("channel_stats_forward(Tensor y) -> (Tensor, Tensor)");
   m.def("channel_stats_backward(Tensor dmean, Tensor dvar, Tensor y, Tensor mean) -> Tensor");
 }

@@ -63,8 +63,9 @@ def _import_or_build() -> str:
             if len(text) > _ERROR_TAIL:
                 text = "..." + text[-_ERROR_TAIL:]
             return f"the extension splat._C is not built ({prebuilt_error}) and compiling it failed: {text}"
-    if not hasattr(torch.ops.splat_cuda, "radix_pool_forward"):
-        return "the loaded extension does not define torch.ops.splat_cuda"
+    missing = [name for name in _fakes() if not hasattr(torch.ops.splat_cuda, name)]
+    if missing:
+        return f"the loaded extension lacks torch.ops.splat_cuda.{', '.join(missing)} (built from older sources?)"
     return ""
 
 
@@ -90,9 +91,19 @@ def ops():
     return torch.ops.splat_cuda
 
 
-def _register_fakes() -> None:
-    """The ops' own shape functions serve as fakes of the CUDA kernels (torch.compile, opcheck)."""
+def _fakes() -> dict:
+    """{splat_cuda op name: its fake}: the ops' own shape functions (torch.compile, opcheck)."""
+    fakes = {}
     for name in ("attention_sum", "channel_stats", "radix_pool", "radix_softmax", "res2net_chain"):
         op = importlib.import_module(f"splat.ops.{name}")
-        torch.library.register_fake(f"splat_cuda::{name}_forward")(op.fake_forward)
-        torch.library.register_fake(f"splat_cuda::{name}_backward")(op.fake_backward)
+        fakes[f"{name}_forward"], fakes[f"{name}_backward"] = op.fake_forward, op.fake_backward
+    # split_attention has no forward kernel of its own, only its two backward passes.
+    split_attention = importlib.import_module("splat.ops.split_attention")
+    fakes["split_attention_backward_sums"] = split_attention.fake_backward_sums
+    fakes["split_attention_backward_dy"] = split_attention.fake_backward_dy
+    return fakes
+
+
+def _register_fakes() -> None:
+    for name, fake in _fakes().items():
+        torch.library.register_fake(f"splat_cuda::{name}")(fake)

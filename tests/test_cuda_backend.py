@@ -1,9 +1,10 @@
 """The C++/CUDA backend (``torch.ops.splat_cuda``) against the torch backend, op by op.
 
-Covers every op forward and backward, all dtypes, NCHW and channels_last, odd sizes, tensors whose
-data is not 16-byte aligned (storage offset of one element, so the scalar paths run), a second
-GPU, gradcheck in float64, opcheck of the raw ops, empty batches and input validation. On a machine
-without CUDA only the availability report is tested.
+Covers every op forward and backward (split_attention's two backward passes as raw ops against
+their references), all dtypes, NCHW and channels_last, odd sizes, tensors whose data is not 16-byte
+aligned (storage offset of one element, so the scalar paths run), a second GPU, gradcheck in
+float64, opcheck of the raw ops, empty batches and input validation. On a machine without CUDA only
+the availability report is tested.
 """
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import splat
 from splat import _cuda, ops
 from splat._layout import acc_dtype
+from splat.ops.split_attention import _torch_backward_dy, _torch_backward_sums
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,6 +104,24 @@ def compare(fn, inputs, grad_offset, name, min_tol=0.0):
         assert_matches(a, e, f"{name} grad of input {i}", min_tol)
 
 
+def compare_split_attention_backward(y, scale, shift, radix, groups, layout, offset, name, dout_dtype=None):
+    """split_attention's raw backward passes against their torch references, for a random dout
+    (y's dtype unless given), attn, and dy coefficients in the accumulation dtype."""
+    sc = torch.ops.splat_cuda
+    B, RC, H, W = y.shape
+    acc = acc_dtype(y.dtype)
+    dout = make((B, RC // radix, H, W), dout_dtype or y.dtype, layout, offset, device=y.device)
+    attn = torch.rand(B, RC, device=y.device, dtype=acc)
+    args = (dout, y, scale, shift, attn, radix, groups)
+    for i, (a, e) in enumerate(zip(sc.split_attention_backward_sums(*args), _torch_backward_sums(*args))):
+        assert_matches(a, e, f"split_attention_backward_sums output {i} {name}")
+    alpha, beta = (make((B, RC), acc, offset=offset, device=y.device) for _ in range(2))
+    gamma, delta = (make((RC,), acc, offset=offset, device=y.device) for _ in range(2))
+    args = (dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups)
+    dy, expected = sc.split_attention_backward_dy(*args), _torch_backward_dy(*args)
+    assert_matches(dy, expected, f"split_attention_backward_dy {name}")
+
+
 def test_unavailable_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -145,6 +165,7 @@ def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     # A mean far from zero: E[y^2] - E[y]^2 would lose the variance.
     ys = make((B, R * C, H, W), dtype, layout, offset, shift=30.0)
     compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], offset, "channel_stats " + what)
+    compare_split_attention_backward(y, scale, shift, R, 1, layout, offset, what)
 
 
 # (B, radix, groups, C, H, W) with y's channels ordered (group, radix, channel of the group): C/K a
@@ -177,6 +198,7 @@ def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     compare(pool, [y, scale, shift], offset, "radix_pool " + what)
     summed = lambda be, *a: ops.attention_sum(*a, R, backend=be, groups=K)  # noqa: E731
     compare(summed, [y, scale, shift, attn], offset, "attention_sum " + what)
+    compare_split_attention_backward(y, scale, shift, R, K, layout, offset, what)
 
 
 @gpu_test
@@ -196,6 +218,21 @@ def test_attention_sum_float32_weights(cuda_ops, dtype, layout):
 
 
 @gpu_test
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_split_attention_backward_wide_dout(cuda_ops, dtype, layout):
+    """dout in the accumulation dtype (out_dtype float32 for lower-precision y) is read as it is; a
+    float64 dout for y below float64 is read in the accumulation dtype, as the references convert it."""
+    for offset in (0, 1):
+        y = make((2, 32, 9, 9), dtype, layout, offset)
+        scale, shift = bn_vectors(32, dtype)
+        for dout_dtype in (torch.float32, torch.float64):
+            for groups in (1, 4):
+                what = f"dout {dout_dtype} groups={groups} offset={offset}"
+                compare_split_attention_backward(y, scale, shift, 2, groups, layout, offset, what, dout_dtype)
+
+
+@gpu_test
 def test_second_device(cuda_ops):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
@@ -209,6 +246,7 @@ def test_second_device(cuda_ops):
             compare(lambda be, *a: ops.attention_sum(*a, 2, backend=be), [y, scale, shift, attn], 0, "sum cuda:1")
             compare(lambda be, x: ops.radix_softmax(x, 2, 2, backend=be), [logits], 0, "softmax cuda:1")
             compare(lambda be, x: ops.channel_stats(x, backend=be), [y], 0, "channel_stats cuda:1")
+            compare_split_attention_backward(y, scale, shift, 2, 2, layout, 0, "cuda:1")
 
 
 @gpu_test
@@ -239,6 +277,8 @@ def op_samples(layout, dtype, attn_dtype=None):
     attn = torch.rand(B, R * C, device="cuda", dtype=attn_dtype or dtype)
     out_dtype = torch.promote_types(dtype, attn.dtype)
     mean = torch.randn(R * C, device="cuda", dtype=acc)
+    rows = [torch.randn(B, R * C, device="cuda", dtype=acc) for _ in range(2)]
+    vectors = [torch.randn(R * C, device="cuda", dtype=acc) for _ in range(2)]
     return [
         (sc.radix_pool_forward, (y, scale, shift, R, 1)),
         (sc.radix_pool_forward, (y, scale, shift, R, K)),
@@ -253,6 +293,10 @@ def op_samples(layout, dtype, attn_dtype=None):
         (sc.attention_sum_backward, (make((B, C, H, W), out_dtype, layout), y, scale, shift, attn, R, K)),
         (sc.channel_stats_forward, (y,)),
         (sc.channel_stats_backward, (torch.randn_like(mean), torch.randn_like(mean), y, mean)),
+        (sc.split_attention_backward_sums, (make((B, C, H, W), dtype, layout), y, scale, shift, attn.to(acc), R, 1)),
+        (sc.split_attention_backward_sums, (make((B, C, H, W), dtype, layout), y, scale, shift, attn.to(acc), R, K)),
+        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows, *vectors, R, 1)),
+        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows, *vectors, R, K)),
     ]
 
 
@@ -282,6 +326,9 @@ def test_empty_batch(cuda_ops, layout):
     dout = torch.empty(0, 8, 4, 4, device="cuda")
     dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2, 2)
     assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
+    dscale, dshift, dattn, sum_my, sum_m = sc.split_attention_backward_sums(dout, y, scale, shift, attn, 2, 2)
+    assert dattn.shape == sum_my.shape == sum_m.shape == (0, 16) and not dscale.any() and not dshift.any()
+    assert sc.split_attention_backward_dy(dout, y, scale, shift, attn, attn, scale, shift, 2, 2).shape == y.shape
     assert sc.radix_softmax_forward(attn, 2, 2).shape == (0, 16)
     mean, var = sc.channel_stats_forward(y)
     assert mean.shape == var.shape == (16,) and mean.isnan().all() and var.isnan().all()
@@ -300,6 +347,8 @@ def test_deterministic(cuda_ops):
         for op, args in [
             (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2, 1)),
             (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2, 4)),
+            (sc.split_attention_backward_sums, (dout, y, scale, shift, attn, 2, 1)),
+            (sc.split_attention_backward_sums, (dout, y, scale, shift, attn, 2, 4)),
             (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 1)),
             (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 4)),
             (sc.channel_stats_forward, (y,)),
@@ -335,3 +384,14 @@ def test_invalid_inputs(cuda_ops):
         sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device="cuda"), 2, 1)
     with pytest.raises(RuntimeError, match="is on cpu"):
         sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device="cuda"), 2, 1)
+    dout, rows = torch.randn(2, 8, 3, 3, device="cuda"), torch.rand(2, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="dout must have shape"):
+        sc.split_attention_backward_sums(dout[:, :4], y, scale, shift, rows, 2, 1)
+    with pytest.raises(RuntimeError, match="groups=3 must divide"):
+        sc.split_attention_backward_sums(dout, y, scale, shift, rows, 2, 3)
+    with pytest.raises(RuntimeError, match="alpha must have shape"):
+        sc.split_attention_backward_dy(dout, y, scale, shift, rows[:, :8], rows, scale, shift, 2, 1)
+    with pytest.raises(RuntimeError, match="beta must be"):
+        sc.split_attention_backward_dy(dout, y, scale, shift, rows, rows.double(), scale, shift, 2, 1)
+    with pytest.raises(RuntimeError, match="delta must have shape"):
+        sc.split_attention_backward_dy(dout, y, scale, shift, rows, rows, scale, shift[:8], 2, 1)
