@@ -126,6 +126,20 @@ def test_training_steps_update_running_stats(backend):
         torch.testing.assert_close(b, ref_buffers[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_tails_on_separate_ops(backend, train):
+    """What splat::split_attention does not take runs on the separate ops: an attention MLP with
+    another activation, branch BNs with different eps."""
+    ref, _, channels = make_timm("split", backend)
+    ref.attn.act = nn.SiLU()
+    sk_ref, _, sk_channels = make_sk("m2g2", backend)
+    sk_ref.convs[1][1].eps = 1e-3
+    for m, c in ((ref, channels), (sk_ref, sk_channels)):
+        m.train(train)
+        compare_modules(m, FusedSKConv.from_module(m, backend=backend), rand(2, c, 5, 7), torch.float64)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_from_module(backend):
     originals = [SKConv(**SK_CONFIGS["m3g4-s2"]), SelectiveKernel(**TIMM_CONFIGS["whole"])]

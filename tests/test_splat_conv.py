@@ -101,6 +101,17 @@ def test_from_module(backend):
         assert fused.conv.weight.data_ptr() != m.conv.weight.data_ptr(), "weights are copied, not shared"
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_attention_mlp_on_separate_ops(backend, train):
+    """A bn1 that splat::split_attention does not take (here GroupNorm) runs the tail on the separate ops."""
+    ref = randomize_bn(SplitAttn(16, 8, radix=2, norm_layer=BN))
+    ref.bn1 = nn.GroupNorm(2, ref.bn1.num_features)
+    ref = ref.to(DEVICE, torch.float64).train(train)
+    fused = splat.FusedSplAtConv2d.from_module(ref, backend=backend)
+    compare_modules(ref, fused, rand(2, 16, 5, 7), torch.float64)
+
+
 def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="act0 is SiLU"):
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, act_layer=nn.SiLU))

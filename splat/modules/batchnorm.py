@@ -85,3 +85,52 @@ def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:
     """The (scale, shift) of no normalisation: ones and zeros in y's accumulation dtype."""
     acc = _layout.acc_dtype(y.dtype)
     return y.new_ones(y.shape[1], dtype=acc), y.new_zeros(y.shape[1], dtype=acc)
+
+
+def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | None = None):
+    """``bns`` as the (weight, bias, batch_stats, eps) argument of ``splat::split_attention``, vectors
+    in the accumulation dtype of ``like`` and (with ``order``, see ``batch_norm_scale_shift``) in
+    its channel order; None when one such tuple cannot express them (mixed modes or eps).
+    Eval-mode BNs are folded into the affine map."""
+    modes = {_uses_batch_stats(bn) for bn in bns}
+    if len(modes) != 1 or len({bn.eps for bn in bns}) != 1:
+        return None
+    batch_stats = modes.pop()
+    acc = _layout.acc_dtype(like.dtype)
+    weights, biases = [], []
+    for bn in bns:
+        ones = torch.ones(bn.num_features, dtype=acc, device=like.device)
+        weight = bn.weight.to(acc) if bn.affine else ones
+        bias = bn.bias.to(acc) if bn.affine else torch.zeros_like(ones)
+        if not batch_stats:
+            scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps) * weight
+            weight, bias = scale, bias - bn.running_mean.to(acc) * scale
+        weights.append(weight)
+        biases.append(bias)
+    weight, bias = (weights[0], biases[0]) if len(bns) == 1 else (torch.cat(weights), torch.cat(biases))
+    if order is not None:
+        weight, bias = weight[order], bias[order]
+    return weight, bias, batch_stats, bns[0].eps
+
+
+def identity_bn(channels: int, like: Tensor) -> tuple:
+    """The (weight, bias, batch_stats, eps) of no normalisation over ``channels`` channels."""
+    acc = _layout.acc_dtype(like.dtype)
+    ones = torch.ones(channels, dtype=acc, device=like.device)
+    return ones, torch.zeros_like(ones), False, 0.0
+
+
+def update_from_batch(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, n: int, order: Tensor | None = None):
+    """Running statistics of ``bns`` from the batch (mean, var) that ``splat::split_attention``
+    returned in y's channel order (``order`` as in ``split_attention_bn``)."""
+    if mean.numel() == 0:
+        return
+    if order is not None:
+        inverse = torch.argsort(order)
+        mean, var = mean[inverse], var[inverse]
+    start = 0
+    for bn in bns:
+        channels = slice(start, start + bn.num_features)
+        start += bn.num_features
+        if bn.training and bn.track_running_stats:
+            update_running_stats(bn, mean[channels], var[channels], n)

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm
-from splat.modules.splat_conv import check_input, split_attention
+from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_bn, split_attention_bn
+from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
 
 
@@ -125,6 +125,11 @@ class _SelectiveKernelBase(nn.Module):
         """(B, C) pooled -> (B, M*C) logits, branch-major (branch i at [i*C, (i+1)*C))."""
         raise NotImplementedError
 
+    def _mlp(self):
+        """The MLP of ``_logits`` as (fc1_weight, fc1_bias, bn1 module or None, relu, fc2_weight,
+        fc2_bias) for ``splat::split_attention``, or None when it has parts that op does not take."""
+        raise NotImplementedError
+
     def _geometry(self) -> _Geometry:
         return _geometry(self._convs(), self.in_channels, self.split_input, type(self).__name__)
 
@@ -167,7 +172,16 @@ class _SelectiveKernelBase(nn.Module):
             )
         M, K = g.branches, g.y_groups
         order = _branch_order(M, g.channels, K, y.device) if K > 1 else None
-        scale, shift = batch_norm_scale_shift(y, self._bns(), self.backend, order)
+        bns, mlp = self._bns(), self._mlp() if M > 1 else None
+        bn0 = split_attention_bn(bns, y, order) if mlp is not None else None
+        if bn0 is not None:
+            fc1_weight, fc1_bias, bn1, relu, fc2_weight, fc2_bias = mlp
+            return fused_tail(
+                y, bn0, bns, order, fc1_weight, fc1_bias,
+                split_attention_bn([bn1], y) if bn1 is not None else identity_bn(fc1_weight.shape[0], y), bn1,
+                relu, fc2_weight, fc2_bias, M, 1, K, self.backend,
+            )
+        scale, shift = batch_norm_scale_shift(y, bns, self.backend, order)
 
         def attention(gap: Tensor) -> Tensor:
             logits = self._logits(gap)
@@ -177,7 +191,7 @@ class _SelectiveKernelBase(nn.Module):
                 return logits.unsqueeze(1).softmax(1).squeeze(1)
             return radix_softmax(logits.reshape(B * K, -1), M, 1, self.backend).reshape(B, M * g.channels)
 
-        return split_attention(y, scale, shift, attention, M, self.backend, groups=K)
+        return split_attention_ops(y, scale, shift, attention, M, self.backend, groups=K)
 
 
 def _checked_relu(act: nn.Module, name: str) -> None:
@@ -248,14 +262,20 @@ class FusedSKConv(_SelectiveKernelBase):
     def _bns(self):
         return [check_batchnorm(branch[1], f"convs.{i}.1") for i, branch in enumerate(self.convs)]
 
+    def _stacked_fcs(self) -> tuple[Tensor, Tensor | None]:
+        """The fcs as one (M*features, d) linear map, branch-major."""
+        weight = torch.cat([fc.weight for fc in self.fcs])
+        bias = torch.cat([fc.bias for fc in self.fcs]) if self.fcs[0].bias is not None else None
+        return weight, bias
+
     def _logits(self, gap: Tensor) -> Tensor:
         z = self.fc(gap)
         if self.M == 1:
             return self.fcs[0](z)
-        # One matmul with the stacked fcs weights (branch-major), not one per branch.
-        weight = torch.cat([fc.weight for fc in self.fcs])
-        bias = torch.cat([fc.bias for fc in self.fcs]) if self.fcs[0].bias is not None else None
-        return F.linear(z, weight, bias)
+        return F.linear(z, *self._stacked_fcs())
+
+    def _mlp(self):
+        return (self.fc.weight, self.fc.bias, None, False, *self._stacked_fcs())
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> nn.Module:
@@ -381,6 +401,13 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
 
     def _logits(self, gap: Tensor) -> Tensor:
         return self.attn.logits(gap)
+
+    def _mlp(self):
+        attn = self.attn
+        if type(attn.bn) is not nn.BatchNorm2d or type(attn.act) is not nn.ReLU:
+            return None
+        fc1, fc2 = attn.fc_reduce, attn.fc_select
+        return fc1.weight.flatten(1), fc1.bias, attn.bn, True, fc2.weight.flatten(1), fc2.bias
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSelectiveKernel":

@@ -8,14 +8,22 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from splat import backend as _backend
-from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_scale_shift
-from splat.ops import attention_sum, radix_pool, radix_softmax
+from splat.modules.batchnorm import (
+    batch_norm_scale_shift,
+    check_batchnorm,
+    identity_bn,
+    identity_scale_shift,
+    split_attention_bn,
+    update_from_batch,
+)
+from splat.ops import attention_sum, radix_pool, radix_softmax, split_attention
 
 
-def split_attention(
+def split_attention_ops(
     y: Tensor, scale: Tensor, shift: Tensor, attention, radix: int, backend: str, groups: int = 1
 ) -> Tensor:
-    """The split-attention tail after the conv, shared by the ResNeSt and SK blocks.
+    """The split-attention tail on the separate ops, for attention MLPs that ``splat::split_attention``
+    does not take (other norms or activations); shared by the ResNeSt and SK blocks.
 
     y (B, R*C, H, W) conv output (radix-major, or (k, r, j)-ordered with ``groups`` K), (scale, shift)
     the folded BN of y, ``attention`` maps the pooled (B, C) to the weights (B, R*C) in y's channel
@@ -23,6 +31,33 @@ def split_attention(
     """
     gap = radix_pool(y, scale, shift, radix, backend, groups=groups)
     return attention_sum(y, scale, shift, attention(gap), radix, backend, groups=groups)
+
+
+def attention_dtype(y: Tensor, fc2_weight: Tensor, radix: int) -> torch.dtype:
+    """The dtype of the reference's attention weights, which with y's sets the output's: under CUDA
+    autocast its softmax runs in float32 (its sigmoid, for radix 1, does not); elsewhere the fc2
+    output's."""
+    device = y.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.float32 if device == "cuda" and radix > 1 else torch.get_autocast_dtype(device)
+    return torch.promote_types(y.dtype, fc2_weight.dtype)
+
+
+def fused_tail(
+    y: Tensor, bn0: tuple, bn0_modules: list, order: Tensor | None, fc1_weight: Tensor, fc1_bias: Tensor | None,
+    bn1: tuple, bn1_module: nn.Module | None, relu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None,
+    radix: int, cardinality: int, groups: int, backend: str,
+) -> Tensor:
+    """``splat::split_attention`` on y, then the BNs' running statistics from its batch statistics."""
+    out, mean0, var0, mean1, var1 = split_attention(
+        y, bn0=bn0, fc1_weight=fc1_weight, fc1_bias=fc1_bias, bn1=bn1, relu=relu, fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias, radix=radix, cardinality=cardinality, groups=groups,
+        out_dtype=torch.promote_types(y.dtype, attention_dtype(y, fc2_weight, radix)), backend=backend,
+    )
+    update_from_batch(bn0_modules, mean0, var0, y.shape[0] * y.shape[2] * y.shape[3], order)
+    if bn1_module is not None:
+        update_from_batch([bn1_module], mean1, var1, y.shape[0])
+    return out
 
 
 def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
@@ -111,12 +146,20 @@ class FusedSplAtConv2d(nn.Module):
             y = y * self._rectify_ratio(x, y)
         if y.shape[0] == 0:
             return y[:, : self.channels]
+        bn1 = getattr(self, "bn1", None)
+        if bn1 is None or type(bn1) is nn.BatchNorm2d:
+            return fused_tail(
+                y, split_attention_bn([self.bn0], y) if self.use_bn else identity_bn(y.shape[1], y),
+                [self.bn0] if self.use_bn else [], None, self.fc1.weight.flatten(1), self.fc1.bias,
+                split_attention_bn([bn1], y) if bn1 is not None else identity_bn(self.fc1.out_channels, y), bn1,
+                True, self.fc2.weight.flatten(1), self.fc2.bias, self.radix, self.cardinality, 1, self.backend,
+            )
         scale, shift = batch_norm_scale_shift(y, [self.bn0], self.backend) if self.use_bn else identity_scale_shift(y)
 
         def attention(gap: Tensor) -> Tensor:
             return radix_softmax(self._mlp(gap), self.radix, self.cardinality, self.backend)
 
-        return split_attention(y, scale, shift, attention, self.radix, self.backend)
+        return split_attention_ops(y, scale, shift, attention, self.radix, self.backend)
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":
