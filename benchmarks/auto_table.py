@@ -5,7 +5,8 @@
 
 For each op and shape class (``splat.backend.shape_class``: dtype, layout, map size) the choice is
 the backend with the least total time over the cases every candidate backend was timed on: the
-per-op timings (forward + backward) for the split-attention ops, and the Res2Net blocks'
+per-op timings (forward + backward; for ``split_attention`` the whole op, forward and backward) for
+the split-attention ops, and the Res2Net blocks'
 forward+backward times (which differ only in the chain op) for ``res2net_chain``. Where fewer than
 two backends were timed there is nothing to choose and "auto" keeps its default (Triton).
 The device's entry replaces any earlier one for the same device; other devices' entries stay.
@@ -36,6 +37,8 @@ def timings(doc: dict) -> dict:
     """{(op, shape class): {backend: {case: time}}} from one bench_blocks.py JSON document."""
     out: dict = {}
     for o in doc.get("ops", []):
+        if o["pass"].startswith("bwd-"):  # a kernel of split_attention's backward, timed in its "fwd+bwd" too
+            continue
         case = (o["config"], o["pass"])
         out.setdefault((o["op"], o["shape_class"]), {}).setdefault(o["backend"], {})[case] = o["us"]
     hw = {c.name: c.hw for c in bench_blocks.FAMILIES["res2net"].configs}

@@ -586,7 +586,29 @@ class Bench:
         dmean, dvar = torch.randn_like(mean), torch.randn_like(var)
         # The tensor each op's "auto" resolves on, hence its row of the auto table.
         yk, lk = splat.backend.shape_class(y), splat.backend.shape_class(logits)
+        inter = max(C * R // 4, 32)
+        mlp = [torch.randn(inter, C // K, device=dev) * 0.1, torch.rand(inter, device=dev) + 0.5,
+               torch.randn(inter, device=dev) * 0.5, torch.randn(R * C, inter // K, device=dev) * 0.1]
+        tail_inputs = (y, scale, shift, *mlp, dout)
+        alpha, beta = attn * scale, torch.randn_like(attn)
+        # Training: three reads of y forward (statistics, pool, sum) and two backward, see NOTES.md.
+        tail_bytes = 6 * y.nbytes + 3 * dout.nbytes
+
+        def tail(y, scale, shift, w1, g1, b1, w2, dout):
+            leaves = [t.detach().requires_grad_() for t in (y, scale, shift, w1, g1, b1, w2)]
+            out, *_ = splat.ops.split_attention(
+                leaves[0], bn0=(leaves[1], leaves[2], True, 1e-5), fc1_weight=leaves[3], fc1_bias=None,
+                bn1=(leaves[4], leaves[5], True, 1e-5), relu=True, fc2_weight=leaves[6], fc2_bias=None,
+                radix=R, cardinality=K, out_dtype=dout.dtype, backend=backend,
+            )
+            return torch.autograd.grad(out, leaves, dout)
+
         return [
+            ("split_attention", "fwd+bwd", yk, tail, tail_inputs, tail_bytes),
+            ("split_attention", "bwd-sums", yk, ops.split_attention_backward_sums,
+             (dout, y, scale, shift, attn, R, 1, backend)),
+            ("split_attention", "bwd-dy", yk, ops.split_attention_backward_dy,
+             (dout, y, scale, shift, alpha, beta, scale, shift, R, 1, backend)),
             ("channel_stats", "fwd", yk, ops.channel_stats, (y, backend)),
             ("channel_stats", "bwd", yk, ops.channel_stats_backward, (dmean, dvar, y, mean, backend)),
             ("radix_pool", "fwd", yk, ops.radix_pool, (y, scale, shift, R, 1, backend)),
@@ -598,11 +620,12 @@ class Bench:
         ]
 
     def ops_one(self, cfg, dname, lname, backend):
-        for op, direction, key, fn, inputs in self.op_cases(cfg, dname, lname, backend):
+        for op, direction, key, fn, inputs, *least in self.op_cases(cfg, dname, lname, backend):
             outs = fn(*inputs)
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
             tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-            min_bytes = sum(t.nbytes for t in tensors) + sum(t.nbytes for t in outs)
+            # Each input read and each output written once, unless the case says more is needed.
+            min_bytes = least[0] if least else sum(t.nbytes for t in tensors) + sum(t.nbytes for t in outs)
             ms, graph = self.time_op(fn, inputs, min_bytes)
             gbs = min_bytes / ms / 1e6
             self.ops.append({"op": op, "pass": direction, "config": cfg.name, "dtype": dname, "layout": lname,
@@ -651,13 +674,15 @@ class Bench:
             entry = {k: r[k] for k in ("block", "config", "dtype", "layout", "mode", "impl")}
             entry["tail_ms"] = round(tail_ms, 5)
             if cfg.radix:
-                # Fewest bytes after the conv: forward reads y (B, R*C, H, W) once and writes the
-                # output once; backward reads dout and y once and writes dy once.
+                # Fewest bytes after the conv in training (benchmarks/NOTES.md): the forward reads y
+                # (B, R*C, H, W) three times (BN statistics, then the pool, then the sum, each needing
+                # the one before) and writes the output; the backward reads dout and y twice (the
+                # attention gradient comes before dy) and writes dy.
                 y_el = 4 if r["dtype"] == "float32" else 2
                 out_el = self.out_dtypes.get((cfg.name, r["dtype"]), (None, 4))[1]
                 y_b = B * cfg.radix * cfg.channels * cfg.hw * cfg.hw * y_el
                 out_b = B * cfg.channels * cfg.hw * cfg.hw * out_el
-                nbytes = y_b + out_b + ((out_b + 2 * y_b) if r["mode"] == "fwd+bwd" else 0)
+                nbytes = 3 * y_b + out_b + ((2 * out_b + 3 * y_b) if r["mode"] == "fwd+bwd" else 0)
                 entry["min_bytes"] = nbytes
                 if tail_ms > 0:
                     gbs = nbytes / tail_ms / 1e6
