@@ -79,29 +79,40 @@ def _normalize(x: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool, eps: 
 
 
 class _Mlp:
-    """gap (B, C) -> attention weights (B, R*C) in y's order, keeping what the backward needs."""
+    """gap (B, C) -> attention weights (B, R*C) in y's order, keeping what the backward needs.
+
+    ``saved`` = (z1, probs), the fc1 output and the softmax (sigmoid) of the forward: given, the
+    backward rebuilds the rest from them instead of running fc1, fc2 and the softmax again.
+    """
 
     def __init__(self, gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
-                 fc2_weight, fc2_bias, radix, cardinality, groups, acc, mean1=None, var1=None):
+                 fc2_weight, fc2_bias, radix, cardinality, groups, acc, stats1=None, saved=None):
         cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
         self.radix, self.cardinality, self.groups, self.relu = radix, cardinality, groups, relu
         self.gap = gap.to(acc)
         self.fc1_weight, self.fc2_weight = cast(fc1_weight), cast(fc2_weight)
         self.bn1_weight, self.bn1_eps = cast(bn1_weight), bn1_eps
-        self.z1 = _grouped_linear(self.gap, self.fc1_weight, cast(fc1_bias), cardinality)
+        if saved is None:
+            self.z1 = _grouped_linear(self.gap, self.fc1_weight, cast(fc1_bias), cardinality)
+        else:
+            self.z1, self.probs = saved
         self.scale1, shift1, self.stats1 = _normalize(
-            self.z1, self.bn1_weight, cast(bn1_bias), bn1_batch_stats, bn1_eps, mean1, var1
+            self.z1, self.bn1_weight, cast(bn1_bias), bn1_batch_stats, bn1_eps, *(stats1 or (None, None))
         )
         self.z2 = self.z1 * self.scale1 + shift1
         self.h = torch.relu(self.z2) if relu else self.z2
-        logits = _grouped_linear(self.h, self.fc2_weight, cast(fc2_bias), cardinality)
-        B, RC = logits.shape
-        if radix == 1:
-            self.s = torch.sigmoid(logits)
-        else:
-            self.s = logits.reshape(B, cardinality, radix, RC // (radix * cardinality)).softmax(2)
-        attn_rc = self.s.reshape(B, cardinality, radix, -1).transpose(1, 2).reshape(B, radix, RC // radix)
-        self.attn = _to_y_order(attn_rc, radix, groups)
+        if saved is None:
+            logits = _grouped_linear(self.h, self.fc2_weight, cast(fc2_bias), cardinality)
+            B, RC = logits.shape
+            x = logits.reshape(B, cardinality, radix, RC // (radix * cardinality))
+            self.probs = (torch.sigmoid(x) if radix == 1 else x.softmax(2)).reshape(B, RC)
+
+    def attn(self) -> Tensor:
+        """The weights (B, R*C) in y's channel order."""
+        B, RC = self.probs.shape
+        R, G = self.radix, self.cardinality
+        attn_rc = self.probs.reshape(B, G, R, RC // (R * G)).transpose(1, 2).reshape(B, R, RC // R)
+        return _to_y_order(attn_rc, R, self.groups)
 
     def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None):
         """dattn (B, R*C) in y's order -> (dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias,
@@ -109,11 +120,11 @@ class _Mlp:
         R, G = self.radix, self.cardinality
         B, RC = dattn.shape
         ds = _from_y_order(dattn, R, self.groups).reshape(B, R, G, RC // (R * G)).transpose(1, 2)
-        ds = ds.reshape(self.s.shape)
+        p = self.probs.reshape(B, G, R, RC // (R * G))
         if R == 1:
-            dlogits = ds * self.s * (1 - self.s)
+            dlogits = ds * p * (1 - p)
         else:
-            dlogits = self.s * (ds - (self.s * ds).sum(2, keepdim=True))
+            dlogits = p * (ds - (p * ds).sum(2, keepdim=True))
         dlogits = dlogits.reshape(B, RC)
         dh, dfc2_weight = _grouped_linear_backward(dlogits, self.h, self.fc2_weight, G)
         dz2 = dh * (self.z2 > 0) if self.relu else dh
@@ -167,7 +178,7 @@ def _split_attention(
     fc1_weight: Tensor, fc1_bias: Tensor | None, bn1_weight: Tensor, bn1_bias: Tensor, bn1_batch_stats: bool,
     bn1_eps: float, relu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None, radix: int, cardinality: int,
     groups: int, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = _layout.acc_dtype(y.dtype)
     scale, shift, stats0 = _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend)
     gap = _backend.call(backend, "radix_pool_forward", _radix_pool_reference, y, scale, shift, radix, groups)
@@ -176,11 +187,11 @@ def _split_attention(
                    fc2_weight, fc2_bias, radix, cardinality, groups, acc)
     out = _backend.call(
         backend, "attention_sum_forward", _attention_sum_reference,
-        y, scale, shift, mlp.attn.to(out_dtype), radix, groups,
+        y, scale, shift, mlp.attn().to(out_dtype), radix, groups,
     )
     mean0, var0 = stats0 if stats0 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
     mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
-    return out.to(out_dtype), mean0, var0, mean1, var1, gap
+    return out.to(out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.probs
 
 
 @_split_attention.register_fake
@@ -194,7 +205,8 @@ def _fake(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, fc1_weight, fc1_bia
         _layout.empty((B, RC // radix, H, W), y, dtype=out_dtype),
         y.new_empty(n0, dtype=acc), y.new_empty(n0, dtype=acc),
         y.new_empty(n1, dtype=acc), y.new_empty(n1, dtype=acc),
-        y.new_empty((B, RC // radix)),
+        y.new_empty((B, RC // radix)), y.new_empty((B, fc1_weight.shape[0]), dtype=acc),
+        y.new_empty((B, RC), dtype=acc),
     )
 
 
@@ -239,32 +251,33 @@ _backward_dy.register_fake(lambda *args: fake_backward_dy(*args[:-1]))
 def _setup_context(ctx, inputs, output):
     (y, bn0_weight, bn0_bias, _, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias, _, bn1_eps, relu,
      fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend) = inputs
-    _, mean0, var0, mean1, var1, gap = output
-    ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias,
-                          fc2_weight, fc2_bias, mean0, var0, mean1, var1, gap)
+    _, mean0, var0, mean1, var1, gap, z1, probs = output
+    # gap, z1 and probs are the forward's state for the backward, not results to differentiate.
+    ctx.mark_non_differentiable(gap, z1, probs)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight,
+                          mean0, var0, mean1, var1, gap, z1, probs)
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     ctx.bn0_batch_stats, ctx.bn1_batch_stats = inputs[3], inputs[9]
     ctx.config = (bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend)
 
 
-def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, dgap_out):
-    (y, bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias, fc2_weight, fc2_bias,
-     mean0, var0, mean1, var1, gap) = ctx.saved_tensors
+def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
+    (y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight, mean0, var0, mean1, var1, gap, z1,
+     probs) = ctx.saved_tensors
     bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend = ctx.config
     acc = _layout.acc_dtype(y.dtype)
     B, RC, H, W = y.shape
     stats0 = (mean0, var0) if ctx.bn0_batch_stats else (None, None)
     scale, shift, _ = _y_affine(y, bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, backend, *stats0)
-    stats1 = (mean1, var1) if ctx.bn1_batch_stats else (None, None)
-    mlp = _Mlp(gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu,
-               fc2_weight, fc2_bias, radix, cardinality, groups, acc, *stats1)
-    attn = mlp.attn.to(out_dtype).to(acc)
+    mlp = _Mlp(gap, fc1_weight, None, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
+               radix, cardinality, groups, acc, (mean1, var1) if ctx.bn1_batch_stats else None, (z1, probs))
+    attn = mlp.attn().to(out_dtype).to(acc)
+    if dout is None:
+        dout = torch.zeros((B, RC // radix, H, W), dtype=out_dtype, device=y.device)
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
     dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
-    dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(
-        dattn, dmean1 if ctx.bn1_batch_stats else None, dvar1 if ctx.bn1_batch_stats else None
-    )
-    if dgap_out is not None:
-        dgap = dgap + dgap_out.to(acc)
+    dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(dattn, dmean1, dvar1)
     pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), radix, groups)
     dscale = dscale + (pool * sum_my).sum(0)
     dshift = dshift + (pool * sum_m).sum(0)
@@ -281,10 +294,12 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, dgap_out):
         dbn0_weight, dbn0_bias = dscale, dshift
         gamma = delta = torch.zeros_like(scale)
     dy = _backward_dy(dout, y, scale, shift, scale * attn, scale * pool, gamma, delta, radix, groups, backend)
-    grads = (dbn0_weight, dbn0_bias, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias)
-    params = (bn0_weight, bn0_bias, fc1_weight, fc1_bias, bn1_weight, bn1_bias, fc2_weight, fc2_bias)
-    grads = [None if p is None else g.to(p.dtype) for g, p in zip(grads, params)]
-    g0w, g0b, g1w, g1b, gbw, gbb, g2w, g2b = grads
+    g0w, g0b, g1w, gbw, gbb, g2w = (
+        g.to(p.dtype) for g, p in zip((dbn0_weight, dbn0_bias, dfc1_weight, dbn1_weight, dbn1_bias, dfc2_weight),
+                                      (bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight))
+    )
+    g1b = dfc1_bias.to(fc1_weight.dtype) if ctx.has_bias[0] else None
+    g2b = dfc2_bias.to(fc2_weight.dtype) if ctx.has_bias[1] else None
     return dy, g0w, g0b, None, None, g1w, g1b, gbw, gbb, None, None, None, g2w, g2b, None, None, None, None, None
 
 
@@ -337,7 +352,7 @@ def split_attention(
     if out_dtype is None:
         out_dtype = torch.promote_types(y.dtype, fc2_weight.dtype)
     backend = _backend.resolve(backend, y, "split_attention")
-    out, mean0, var0, mean1, var1, _ = _split_attention(
+    out, mean0, var0, mean1, var1, *_ = _split_attention(
         _layout.dense(y), bn0_weight.contiguous(), bn0_bias.contiguous(), bool(bn0_batch_stats), float(bn0_eps),
         fc1_weight.contiguous(), None if fc1_bias is None else fc1_bias.contiguous(), bn1_weight.contiguous(),
         bn1_bias.contiguous(), bool(bn1_batch_stats), float(bn1_eps), bool(relu), fc2_weight.contiguous(),
