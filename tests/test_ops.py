@@ -125,12 +125,13 @@ def test_channel_stats(backend, dtype, layout, case):
 
 
 # (B, radix, cardinality, groups, C, inter, H, W, bn0 batch stats, bn1 batch stats, relu, biases):
-# ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate, SK's (k, r, j) channel order with
+# ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate with one channel per group (fc
+# outputs whose strides are not row-major), SK's (k, r, j) channel order with
 # H*W tails and no activation (the original SKConv), more channels than one tile without biases.
 SPLIT_CASES = [
     pytest.param((3, 2, 1, 1, 6, 4, 5, 3, True, True, True, True), id="resnest"),
     pytest.param((2, 2, 2, 1, 8, 4, 1, 1, False, False, True, True), id="card2-eval"),
-    pytest.param((2, 1, 2, 1, 4, 4, 7, 7, True, True, True, True), id="radix1"),
+    pytest.param((2, 1, 2, 1, 2, 4, 7, 7, True, True, True, True), id="radix1-cg1"),
     pytest.param((2, 3, 1, 2, 6, 4, 33, 40, True, False, False, True), id="sk-hw-tail"),
     pytest.param((2, 2, 1, 4, 136, 8, 3, 3, False, True, True, False), id="c-tail-nobias"),
 ]

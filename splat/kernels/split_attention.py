@@ -47,6 +47,7 @@ def split_attention_backward_sums(dout, y, scale, shift, attn, radix, groups):
     """dout (B, C, H, W) in y's layout -> dscale, dshift (R*C,); dattn, sum m*y, sum m (B, R*C)."""
     B, RC = y.shape[:2]
     sums = (_layout.empty((B, RC), scale), _layout.empty((B, RC), scale))
+    scale, shift, attn = scale.contiguous(), shift.contiguous(), attn.contiguous()
     dscale, dshift, dattn = backward_reduce(dout, y, scale, shift, attn, radix, groups, mask_sums=sums)
     return dscale, dshift, dattn, *sums
 
@@ -55,6 +56,8 @@ def split_attention_backward_dy(dout, y, scale, shift, alpha, beta, gamma, delta
     """dy (like y) from dout (B, C, H, W) in y's layout, alpha and beta (B, R*C), gamma and delta (R*C,)."""
     B, RC, H, W = y.shape
     dy = _layout.empty(y.shape, y)
+    # The kernel indexes the vectors row-major; the MLP's einsums can hand over other strides.
+    scale, shift, alpha, beta, gamma, delta = (t.contiguous() for t in (scale, shift, alpha, beta, gamma, delta))
     if B > 0:
         block_c, block_hw = tile_shape(y, RC, reduce_hw=False)
         grid = (B, triton.cdiv(RC, block_c), triton.cdiv(H * W, block_hw))

@@ -108,11 +108,12 @@ class _Mlp:
             self.probs = (torch.sigmoid(x) if radix == 1 else x.softmax(2)).reshape(B, RC)
 
     def attn(self) -> Tensor:
-        """The weights (B, R*C) in y's channel order."""
+        """The weights (B, R*C) in y's channel order, row-major as the kernels index them (the fc
+        outputs' einsum may leave other strides)."""
         B, RC = self.probs.shape
         R, G = self.radix, self.cardinality
         attn_rc = self.probs.reshape(B, G, R, RC // (R * G)).transpose(1, 2).reshape(B, R, RC // R)
-        return _to_y_order(attn_rc, R, self.groups)
+        return _to_y_order(attn_rc, R, self.groups).contiguous()
 
     def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None):
         """dattn (B, R*C) in y's order -> (dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias,
@@ -128,6 +129,7 @@ class _Mlp:
         dlogits = dlogits.reshape(B, RC)
         dh, dfc2_weight = _grouped_linear_backward(dlogits, self.h, self.fc2_weight, G)
         dz2 = dh * (self.z2 > 0) if self.relu else dh
+        dbn1_bias = dz2.sum(0)
         if self.stats1 is None:
             dbn1_weight, dz1 = (dz2 * self.z1).sum(0), dz2 * self.scale1
         else:
@@ -135,14 +137,14 @@ class _Mlp:
             rstd = torch.rsqrt(var1 + self.bn1_eps)
             xhat = (self.z1 - mean1) * rstd
             dbn1_weight = (dz2 * xhat).sum(0)
-            dxhat = dz2 * self.bn1_weight
-            dz1 = rstd * (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0))
+            # The usual BN backward, its batch means of dxhat and dxhat*xhat taken from the sums above.
+            dz1 = torch.addcmul(dz2 - dbn1_bias / B, xhat, dbn1_weight, value=-1 / B) * self.scale1
             if dmean1 is not None:
                 dz1 = dz1 + dmean1 / B
             if dvar1 is not None:
                 dz1 = dz1 + (2 / B) * dvar1 * (self.z1 - mean1)
         dgap, dfc1_weight = _grouped_linear_backward(dz1, self.gap, self.fc1_weight, G)
-        return dgap, dfc1_weight, dz1.sum(0), dbn1_weight, dz2.sum(0), dfc2_weight, dlogits.sum(0)
+        return dgap, dfc1_weight, dz1.sum(0), dbn1_weight, dbn1_bias, dfc2_weight, dlogits.sum(0)
 
 
 def _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend, mean0=None, var0=None):
@@ -278,18 +280,23 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
     dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
     dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(dattn, dmean1, dvar1)
-    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), radix, groups)
+    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), radix, groups).contiguous()
     dscale = dscale + (pool * sum_my).sum(0)
     dshift = dshift + (pool * sum_m).sum(0)
     if ctx.bn0_batch_stats:
+        # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
+        # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
+        # (dmean + 2*dvar*(y - mean))/n = gamma + delta*y. Written in few ops: each is a launch.
+        n = B * H * W
         rstd = torch.rsqrt(var0 + bn0_eps)
         dbn0_bias = dshift
-        dscale_stats = dscale - dshift * mean0
-        dbn0_weight = dscale_stats * rstd
-        dmean = -dshift * scale + (dmean0 if dmean0 is not None else 0)
-        dvar = -0.5 * dscale_stats * bn0_weight.to(acc) * rstd**3 + (dvar0 if dvar0 is not None else 0)
-        n = B * H * W
-        gamma, delta = (dmean - 2 * dvar * mean0) / n, 2 * dvar / n
+        dbn0_weight = torch.addcmul(dscale, dshift, mean0, value=-1) * rstd
+        delta = dbn0_weight * scale * (rstd * (-1 / n))
+        if dvar0 is not None:
+            delta = torch.add(delta, dvar0, alpha=2 / n)
+        gamma = torch.addcmul(dshift * scale * (-1 / n), delta, mean0, value=-1)
+        if dmean0 is not None:
+            gamma = torch.add(gamma, dmean0, alpha=1 / n)
     else:
         dbn0_weight, dbn0_bias = dscale, dshift
         gamma = delta = torch.zeros_like(scale)
