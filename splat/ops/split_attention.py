@@ -25,7 +25,9 @@ the tiny MLP lets the backward read y and dout twice and write dy once:
 2. the MLP and BN backward on (B, C)-sized vectors, here in PyTorch;
 3. ``split_attention_backward_dy``: dy = m*(alpha*dout + beta) + gamma + delta*y, alpha and beta
    per (b, channel), gamma and delta per channel (the batch statistics' share).
-The conv output y and (B, C) vectors are all the backward keeps.
+The conv output y and (B, C)-sized vectors are all the backward keeps: besides out and the batch
+statistics, the raw op returns gap, the fc1 output and the softmax (sigmoid) probabilities, marked
+non-differentiable, for its backward; ``split_attention`` below returns the first five.
 """
 
 import torch
