@@ -30,6 +30,22 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) 
         bn.running_var.copy_(new_var)
 
 
+def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
+    """bn's (weight, bias) in the accumulation dtype of ``like``: ones and zeros without affine."""
+    acc = _layout.acc_dtype(like.dtype)
+    if bn.affine:
+        return bn.weight.to(acc), bn.bias.to(acc)
+    ones = torch.ones(bn.num_features, dtype=acc, device=like.device)
+    return ones, torch.zeros_like(ones)
+
+
+def _fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with bn(y) == y * scale + shift, normalising with (mean, var)."""
+    weight, bias = _affine(bn, like)
+    scale = torch.rsqrt(var + bn.eps) * weight
+    return scale, bias - mean * scale
+
+
 def batch_norm_scale_shift(
     y: Tensor, bns: list[nn.BatchNorm2d], backend: str, order: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -55,22 +71,16 @@ def batch_norm_scale_shift(
         if order is not None:
             inverse = torch.argsort(order)
             batch_mean, batch_var = batch_mean[inverse], batch_var[inverse]
+        update_from_batch(bns, batch_mean.detach(), batch_var.detach(), n)
     scales, shifts, start = [], [], 0
     for bn in bns:
         channels = slice(start, start + bn.num_features)
         start += bn.num_features
         if _uses_batch_stats(bn):
             mean, var = batch_mean[channels], batch_var[channels]
-            if bn.training and bn.track_running_stats:
-                update_running_stats(bn, mean.detach(), var.detach(), n)
         else:
             mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.affine:
-            scale = scale * bn.weight.to(acc)
-        shift = -mean * scale
-        if bn.affine:
-            shift = shift + bn.bias.to(acc)
+        scale, shift = _fold(bn, mean, var, y)
         scales.append(scale)
         shifts.append(shift)
     if start != y.shape[1]:
@@ -99,12 +109,10 @@ def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | 
     acc = _layout.acc_dtype(like.dtype)
     weights, biases = [], []
     for bn in bns:
-        ones = torch.ones(bn.num_features, dtype=acc, device=like.device)
-        weight = bn.weight.to(acc) if bn.affine else ones
-        bias = bn.bias.to(acc) if bn.affine else torch.zeros_like(ones)
-        if not batch_stats:
-            scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps) * weight
-            weight, bias = scale, bias - bn.running_mean.to(acc) * scale
+        if batch_stats:
+            weight, bias = _affine(bn, like)
+        else:
+            weight, bias = _fold(bn, bn.running_mean.to(acc), bn.running_var.to(acc), like)
         weights.append(weight)
         biases.append(bias)
     weight, bias = (weights[0], biases[0]) if len(bns) == 1 else (torch.cat(weights), torch.cat(biases))

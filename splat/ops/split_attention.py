@@ -42,7 +42,7 @@ from splat.ops.channel_stats import _torch_forward as _channel_stats_reference
 from splat.ops.radix_pool import _torch_forward as _radix_pool_reference
 
 
-def _to_y_order(t: Tensor, radix: int, groups: int) -> Tensor:
+def _to_y_order(t: Tensor, groups: int) -> Tensor:
     """(B, R, C) indexed (r, c) -> (B, R*C) in y's channel order."""
     B, R, C = t.shape
     return t.reshape(B, R, groups, C // groups).transpose(1, 2).reshape(B, R * C)
@@ -115,7 +115,7 @@ class _Mlp:
         B, RC = self.probs.shape
         R, G = self.radix, self.cardinality
         attn_rc = self.probs.reshape(B, G, R, RC // (R * G)).transpose(1, 2).reshape(B, R, RC // R)
-        return _to_y_order(attn_rc, R, self.groups).contiguous()
+        return _to_y_order(attn_rc, self.groups).contiguous()
 
     def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None):
         """dattn (B, R*C) in y's order -> (dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias,
@@ -253,8 +253,8 @@ _backward_dy.register_fake(lambda *args: fake_backward_dy(*args[:-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    (y, bn0_weight, bn0_bias, _, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias, _, bn1_eps, relu,
-     fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend) = inputs
+    (y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias,
+     bn1_batch_stats, bn1_eps, relu, fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend) = inputs
     _, mean0, var0, mean1, var1, gap, z1, probs = output
     # gap, z1 and probs are the forward's state for the backward, not results to differentiate.
     ctx.mark_non_differentiable(gap, z1, probs)
@@ -262,7 +262,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight,
                           mean0, var0, mean1, var1, gap, z1, probs)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-    ctx.bn0_batch_stats, ctx.bn1_batch_stats = inputs[3], inputs[9]
+    ctx.bn0_batch_stats, ctx.bn1_batch_stats = bn0_batch_stats, bn1_batch_stats
     ctx.config = (bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend)
 
 
@@ -282,7 +282,7 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
     dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
     dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(dattn, dmean1, dvar1)
-    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), radix, groups).contiguous()
+    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), groups)
     dscale = dscale + (pool * sum_my).sum(0)
     dshift = dshift + (pool * sum_m).sum(0)
     if ctx.bn0_batch_stats:
