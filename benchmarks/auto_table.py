@@ -6,9 +6,9 @@
 For each op and shape class (``splat.backend.shape_class``: dtype, layout, map size) the choice is
 the backend with the least total time over the cases every candidate backend was timed on: the
 per-op timings (forward + backward; for ``split_attention`` the whole op, forward and backward) for
-the split-attention ops, and the Res2Net blocks'
-forward+backward times (which differ only in the chain op) for ``res2net_chain``. Where fewer than
-two backends were timed there is nothing to choose and "auto" keeps its default (Triton).
+the split-attention ops, and the Res2Net blocks' forward+backward times (which differ only in the
+chain op) for ``res2net_chain``. Where fewer than two backends were timed there is nothing to
+choose and "auto" keeps its default (Triton).
 The device's entry replaces any earlier one for the same device; other devices' entries stay.
 """
 
