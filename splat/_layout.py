@@ -52,3 +52,9 @@ def hw_stride(t: torch.Tensor) -> int:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64 data, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (None stays None). Skips the call when ``t`` already is, as it mostly is:
+    the small-vector code around the kernels is bound by the host's time per call in eager mode."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)

@@ -24,10 +24,9 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) 
     bn.num_batches_tracked.add_(1)
     factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
     with torch.no_grad():
-        new_mean = bn.running_mean.to(mean.dtype) * (1 - factor) + mean * factor
-        new_var = bn.running_var.to(var.dtype) * (1 - factor) + var * (n / (n - 1)) * factor
-        bn.running_mean.copy_(new_mean)
-        bn.running_var.copy_(new_var)
+        # In place when the buffers are in the statistics' dtype (copy_ of a tensor to itself is a no-op).
+        bn.running_mean.copy_(_layout.cast(bn.running_mean, mean.dtype).lerp_(mean, factor))
+        bn.running_var.copy_(_layout.cast(bn.running_var, var.dtype).lerp_(var * (n / (n - 1)), factor))
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:

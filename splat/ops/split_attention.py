@@ -31,6 +31,7 @@ non-differentiable, for its backward; ``split_attention`` below returns the firs
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from splat import _layout
@@ -42,27 +43,31 @@ from splat.ops.channel_stats import _torch_forward as _channel_stats_reference
 from splat.ops.radix_pool import _torch_forward as _radix_pool_reference
 
 
-def _to_y_order(t: Tensor, groups: int) -> Tensor:
-    """(B, R, C) indexed (r, c) -> (B, R*C) in y's channel order."""
-    B, R, C = t.shape
-    return t.reshape(B, R, groups, C // groups).transpose(1, 2).reshape(B, R * C)
-
-
-def _from_y_order(t: Tensor, radix: int, groups: int) -> Tensor:
-    """(B, R*C) in y's channel order -> (B, R, C) indexed (r, c)."""
+def _regroup(t: Tensor, radix: int, src: int, dst: int) -> Tensor:
+    """(B, R*C) with channel (r, c) at k*(R*C/K) + r*(C/K) + j, c = k*(C/K) + j, K = ``src`` -> the
+    same with K = ``dst``; row-major, as the kernels index it (the grouped fc outputs may not be)."""
+    if src == dst:
+        return t.contiguous()
     B, RC = t.shape
-    return t.reshape(B, groups, radix, RC // (radix * groups)).transpose(1, 2).reshape(B, radix, RC // radix)
+    C = RC // radix
+    rc = t.reshape(B, src, radix, C // src).transpose(1, 2).reshape(B, radix, dst, C // dst)
+    return rc.transpose(1, 2).reshape(B, RC).contiguous()
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """x (B, G*i) -> (B, O) through weight (O, i) in G = ``groups`` diagonal blocks."""
+    if groups == 1:
+        return F.linear(x, weight, bias)  # one addmm; the grouped einsum below costs several calls
     B, O = x.shape[0], weight.shape[0]
     out = torch.einsum("bgi,goi->bgo", x.reshape(B, groups, -1), weight.reshape(groups, O // groups, -1))
     out = out.reshape(B, O)
     return out if bias is None else out + bias
 
 
-def _grouped_linear_backward(dout: Tensor, x: Tensor, weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """(dx, dweight) of ``_grouped_linear``; dbias is dout.sum(0)."""
+def _linear_backward(dout: Tensor, x: Tensor, weight: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(dx, dweight) of ``_linear``; dbias is dout.sum(0)."""
+    if groups == 1:
+        return dout.mm(weight), dout.t().mm(x)
     B, O = dout.shape
     d = dout.reshape(B, groups, O // groups)
     dx = torch.einsum("bgo,goi->bgi", d, weight.reshape(groups, O // groups, -1)).reshape(x.shape)
@@ -70,91 +75,89 @@ def _grouped_linear_backward(dout: Tensor, x: Tensor, weight: Tensor, groups: in
     return dx, dw
 
 
-def _normalize(x: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool, eps: float, mean=None, var=None):
-    """BN of x (N, F) over N as (scale, shift) per feature, with the batch (mean, var) or None."""
-    if not batch_stats:
-        return weight, bias, None
-    if mean is None:
-        var, mean = torch.var_mean(x, dim=0, correction=0)
-    scale = weight * torch.rsqrt(var + eps)
-    return scale, bias - mean * scale, (mean, var)
-
-
 class _Mlp:
     """gap (B, C) -> attention weights (B, R*C) in y's order, keeping what the backward needs.
 
+    The BN1 and activation steps run as single ATen ops (batch_norm, threshold_backward, ...)
+    rather than their formulas: each call costs the host several microseconds in eager mode.
     ``saved`` = (z1, probs), the fc1 output and the softmax (sigmoid) of the forward: given, the
     backward rebuilds the rest from them instead of running fc1, fc2 and the softmax again.
     """
 
     def __init__(self, gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
                  fc2_weight, fc2_bias, radix, cardinality, groups, acc, stats1=None, saved=None):
-        cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
         self.radix, self.cardinality, self.groups, self.relu = radix, cardinality, groups, relu
-        self.gap = gap.to(acc)
-        self.fc1_weight, self.fc2_weight = cast(fc1_weight), cast(fc2_weight)
-        self.bn1_weight, self.bn1_eps = cast(bn1_weight), bn1_eps
+        self.gap = _layout.cast(gap, acc)
+        self.fc1_weight, self.fc2_weight = _layout.cast(fc1_weight, acc), _layout.cast(fc2_weight, acc)
+        self.bn1_weight, self.bn1_eps = _layout.cast(bn1_weight, acc), bn1_eps
+        bn1_bias = _layout.cast(bn1_bias, acc)
         if saved is None:
-            self.z1 = _grouped_linear(self.gap, self.fc1_weight, cast(fc1_bias), cardinality)
+            self.z1 = _linear(self.gap, self.fc1_weight, _layout.cast(fc1_bias, acc), cardinality)
         else:
             self.z1, self.probs = saved
-        self.scale1, shift1, self.stats1 = _normalize(
-            self.z1, self.bn1_weight, cast(bn1_bias), bn1_batch_stats, bn1_eps, *(stats1 or (None, None))
-        )
-        self.z2 = self.z1 * self.scale1 + shift1
-        self.h = torch.relu(self.z2) if relu else self.z2
+        self.stats1 = None
+        if bn1_batch_stats:
+            if stats1 is None:
+                var1, mean1 = torch.var_mean(self.z1, dim=0, correction=0)
+                stats1 = (mean1, var1)
+            self.stats1 = stats1
+            z2 = F.batch_norm(self.z1, *stats1, self.bn1_weight, bn1_bias, False, 0.0, bn1_eps)
+        else:
+            z2 = torch.addcmul(bn1_bias, self.z1, self.bn1_weight)
+        self.h = torch.relu(z2) if relu else z2
         if saved is None:
-            logits = _grouped_linear(self.h, self.fc2_weight, cast(fc2_bias), cardinality)
+            logits = _linear(self.h, self.fc2_weight, _layout.cast(fc2_bias, acc), cardinality)
             B, RC = logits.shape
             x = logits.reshape(B, cardinality, radix, RC // (radix * cardinality))
             self.probs = (torch.sigmoid(x) if radix == 1 else x.softmax(2)).reshape(B, RC)
 
     def attn(self) -> Tensor:
-        """The weights (B, R*C) in y's channel order, row-major as the kernels index them (the fc
-        outputs' einsum may leave other strides)."""
-        B, RC = self.probs.shape
-        R, G = self.radix, self.cardinality
-        attn_rc = self.probs.reshape(B, G, R, RC // (R * G)).transpose(1, 2).reshape(B, R, RC // R)
-        return _to_y_order(attn_rc, self.groups).contiguous()
+        """The weights (B, R*C) in y's channel order, row-major."""
+        return _regroup(self.probs, self.radix, self.cardinality, self.groups)
 
-    def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None):
+    def backward(self, dattn: Tensor, dmean1: Tensor | None, dvar1: Tensor | None, biases: tuple[bool, bool]):
         """dattn (B, R*C) in y's order -> (dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias,
-        dfc2_weight, dfc2_bias), in the accumulation dtype."""
+        dfc2_weight, dfc2_bias) in the accumulation dtype; the bias gradients None where ``biases``
+        says fc1 or fc2 has none."""
         R, G = self.radix, self.cardinality
         B, RC = dattn.shape
-        ds = _from_y_order(dattn, R, self.groups).reshape(B, R, G, RC // (R * G)).transpose(1, 2)
-        p = self.probs.reshape(B, G, R, RC // (R * G))
+        shape = (B, G, R, RC // (R * G))
+        ds = _regroup(dattn, R, self.groups, G).view(shape)
+        p = self.probs.reshape(shape)
         if R == 1:
-            dlogits = ds * p * (1 - p)
+            dlogits = torch.ops.aten.sigmoid_backward(ds, p)
         else:
-            dlogits = p * (ds - (p * ds).sum(2, keepdim=True))
+            dlogits = torch.ops.aten._softmax_backward_data(ds, p, 2, p.dtype)
         dlogits = dlogits.reshape(B, RC)
-        dh, dfc2_weight = _grouped_linear_backward(dlogits, self.h, self.fc2_weight, G)
-        dz2 = dh * (self.z2 > 0) if self.relu else dh
-        dbn1_bias = dz2.sum(0)
+        dh, dfc2_weight = _linear_backward(dlogits, self.h, self.fc2_weight, G)
+        dz2 = torch.ops.aten.threshold_backward(dh, self.h, 0) if self.relu else dh
         if self.stats1 is None:
-            dbn1_weight, dz1 = (dz2 * self.z1).sum(0), dz2 * self.scale1
+            dz1 = dz2 * self.bn1_weight
+            dbn1_weight, dbn1_bias = (dz2 * self.z1).sum(0), dz2.sum(0)
         else:
             mean1, var1 = self.stats1
-            rstd = torch.rsqrt(var1 + self.bn1_eps)
-            xhat = (self.z1 - mean1) * rstd
-            dbn1_weight = (dz2 * xhat).sum(0)
-            # The usual BN backward, its batch means of dxhat and dxhat*xhat taken from the sums above.
-            dz1 = torch.addcmul(dz2 - dbn1_bias / B, xhat, dbn1_weight, value=-1 / B) * self.scale1
+            dz1, dbn1_weight, dbn1_bias = torch.ops.aten.native_batch_norm_backward(
+                dz2, self.z1, self.bn1_weight, None, None, mean1, torch.rsqrt(var1 + self.bn1_eps), True,
+                self.bn1_eps, [True, True, True],
+            )
             if dmean1 is not None:
                 dz1 = dz1 + dmean1 / B
             if dvar1 is not None:
                 dz1 = dz1 + (2 / B) * dvar1 * (self.z1 - mean1)
-        dgap, dfc1_weight = _grouped_linear_backward(dz1, self.gap, self.fc1_weight, G)
-        return dgap, dfc1_weight, dz1.sum(0), dbn1_weight, dbn1_bias, dfc2_weight, dlogits.sum(0)
+        dgap, dfc1_weight = _linear_backward(dz1, self.gap, self.fc1_weight, G)
+        dfc1_bias = dz1.sum(0) if biases[0] else None
+        dfc2_bias = dlogits.sum(0) if biases[1] else None
+        return dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias
 
 
-def _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend, mean0=None, var0=None):
-    """(scale, shift, stats) of BN0 in the accumulation dtype; computes the batch stats when needed."""
-    acc = _layout.acc_dtype(y.dtype)
-    if bn0_batch_stats and mean0 is None:
-        mean0, var0 = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
-    return _normalize(None, bn0_weight.to(acc), bn0_bias.to(acc), bn0_batch_stats, bn0_eps, mean0, var0)
+def _bn0_affine(bn0_weight, bn0_bias, batch_stats, eps, mean0, var0, acc):
+    """BN0 as (scale, shift, rstd) in the accumulation dtype; rstd None without batch statistics."""
+    weight, bias = _layout.cast(bn0_weight, acc), _layout.cast(bn0_bias, acc)
+    if not batch_stats:
+        return weight, bias, None
+    rstd = torch.rsqrt(var0 + eps)
+    scale = weight * rstd
+    return scale, torch.addcmul(bias, mean0, scale, value=-1), rstd
 
 
 def _torch_backward_sums(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, radix: int,
@@ -184,18 +187,21 @@ def _split_attention(
     groups: int, out_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = _layout.acc_dtype(y.dtype)
-    scale, shift, stats0 = _y_affine(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, backend)
+    # Outputs may not alias each other: a new empty tensor for each statistic not computed.
+    mean0, var0 = (y.new_empty(0, dtype=acc) for _ in range(2))
+    if bn0_batch_stats:
+        mean0, var0 = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
+    scale, shift, _ = _bn0_affine(bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, mean0, var0, acc)
     gap = _backend.call(backend, "radix_pool_forward", _radix_pool_reference, y, scale, shift, radix, groups)
     with torch.autocast(y.device.type, enabled=False):
         mlp = _Mlp(gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
                    fc2_weight, fc2_bias, radix, cardinality, groups, acc)
     out = _backend.call(
         backend, "attention_sum_forward", _attention_sum_reference,
-        y, scale, shift, mlp.attn().to(out_dtype), radix, groups,
+        y, scale, shift, _layout.cast(mlp.attn(), out_dtype), radix, groups,
     )
-    mean0, var0 = stats0 if stats0 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
-    mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc))
-    return out.to(out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.probs
+    mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc) for _ in range(2))
+    return _layout.cast(out, out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.probs
 
 
 @_split_attention.register_fake
@@ -272,25 +278,28 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend = ctx.config
     acc = _layout.acc_dtype(y.dtype)
     B, RC, H, W = y.shape
-    stats0 = (mean0, var0) if ctx.bn0_batch_stats else (None, None)
-    scale, shift, _ = _y_affine(y, bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, backend, *stats0)
+    C, K = RC // radix, groups
+    scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, mean0, var0, acc)
     mlp = _Mlp(gap, fc1_weight, None, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
                radix, cardinality, groups, acc, (mean1, var1) if ctx.bn1_batch_stats else None, (z1, probs))
-    attn = mlp.attn().to(out_dtype).to(acc)
+    attn = _layout.cast(_layout.cast(mlp.attn(), out_dtype), acc)
     if dout is None:
-        dout = torch.zeros((B, RC // radix, H, W), dtype=out_dtype, device=y.device)
+        dout = torch.zeros((B, C, H, W), dtype=out_dtype, device=y.device)
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
     dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
-    dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(dattn, dmean1, dvar1)
-    pool = _to_y_order((dgap / (H * W)).unsqueeze(1).expand(B, radix, RC // radix), groups)
-    dscale = dscale + (pool * sum_my).sum(0)
-    dshift = dshift + (pool * sum_m).sum(0)
+    dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(
+        dattn, dmean1, dvar1, ctx.has_bias
+    )
+    # The pool's share of dy is dgap[b, c]/(H*W) for every radix r of channel c: in y's order
+    # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K).
+    pool = dgap.reshape(B, K, 1, C // K) * (1 / (H * W))
+    dscale = dscale + (sum_my.view(B, K, radix, C // K) * pool).sum(0).view(RC)
+    dshift = dshift + (sum_m.view(B, K, radix, C // K) * pool).sum(0).view(RC)
     if ctx.bn0_batch_stats:
         # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
         # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
         # (dmean + 2*dvar*(y - mean))/n = gamma + delta*y. Written in few ops: each is a launch.
         n = B * H * W
-        rstd = torch.rsqrt(var0 + bn0_eps)
         dbn0_bias = dshift
         dbn0_weight = torch.addcmul(dscale, dshift, mean0, value=-1) * rstd
         delta = dbn0_weight * scale * (rstd * (-1 / n))
@@ -302,17 +311,30 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     else:
         dbn0_weight, dbn0_bias = dscale, dshift
         gamma = delta = torch.zeros_like(scale)
-    dy = _backward_dy(dout, y, scale, shift, scale * attn, scale * pool, gamma, delta, radix, groups, backend)
-    g0w, g0b, g1w, gbw, gbb, g2w = (
-        g.to(p.dtype) for g, p in zip((dbn0_weight, dbn0_bias, dfc1_weight, dbn1_weight, dbn1_bias, dfc2_weight),
-                                      (bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight))
-    )
-    g1b = dfc1_bias.to(fc1_weight.dtype) if ctx.has_bias[0] else None
-    g2b = dfc2_bias.to(fc2_weight.dtype) if ctx.has_bias[1] else None
+    beta = (pool * scale.view(K, radix, C // K)).view(B, RC)
+    dy = _backward_dy(dout, y, scale, shift, scale * attn, beta, gamma, delta, radix, groups, backend)
+    grads = (dbn0_weight, dbn0_bias, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias)
+    params = (bn0_weight, bn0_bias, fc1_weight, fc1_weight, bn1_weight, bn1_bias, fc2_weight, fc2_weight)
+    g0w, g0b, g1w, g1b, gbw, gbb, g2w, g2b = (_layout.cast(g, p.dtype) for g, p in zip(grads, params))
     return dy, g0w, g0b, None, None, g1w, g1b, gbw, gbb, None, None, None, g2w, g2b, None, None, None, None, None
 
 
 _split_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The registered autograd of the op, applied without torch.library's per-call handling of the
+    op's arguments, which for these 19 costs the host about as much as the forward's own small ops
+    (it rebuilds the schema's argument list once per argument). Eager mode only: dynamo does not
+    take ``set_materialize_grads`` inside an autograd.Function, and traces the op itself anyway."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _split_attention(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
 
 
 def split_attention(
@@ -361,7 +383,8 @@ def split_attention(
     if out_dtype is None:
         out_dtype = torch.promote_types(y.dtype, fc2_weight.dtype)
     backend = _backend.resolve(backend, y, "split_attention")
-    out, mean0, var0, mean1, var1, *_ = _split_attention(
+    op = _split_attention if torch.compiler.is_compiling() or not torch.is_grad_enabled() else _EagerAutograd.apply
+    out, mean0, var0, mean1, var1, *_ = op(
         _layout.dense(y), bn0_weight.contiguous(), bn0_bias.contiguous(), bool(bn0_batch_stats), float(bn0_eps),
         fc1_weight.contiguous(), None if fc1_bias is None else fc1_bias.contiguous(), bn1_weight.contiguous(),
         bn1_bias.contiguous(), bool(bn1_batch_stats), float(bn1_eps), bool(relu), fc2_weight.contiguous(),
