@@ -41,7 +41,7 @@ importable, ``blocks-<device>.png``. JSON schema::
 
     {"device", "torch", "triton", "cuda", "date", "gpu_timed", "settings": {...},
      "copy_gbs": float,
-     "records": [{"block", "config", "dtype", "layout", "mode", "impl", "ms", ["compile_s"]}],
+     "records": [{"block", "config", "dtype", "layout", "mode", "impl", "ms", ["compile_s"], ["host_ms"]}],
      "tail":    [{"block", "config", "dtype", "layout", "mode", "impl", "tail_ms",
                   "min_bytes", "gbs", "pct_copy"}],
      "ops":     [{"op", "pass", "config", "dtype", "layout", "shape_class", "backend", "us",
@@ -233,6 +233,21 @@ class Timer:
             return self._events(fn, grad_to_none, warmup, rep)
         return self._host(fn, grad_to_none, warmup, rep)
 
+    def host(self, fn, grad_to_none=None, reps=10) -> float | None:
+        """Median milliseconds the host takes to issue fn() onto an idle, synchronised device (CUDA
+        only). Where it exceeds the device time, back-to-back steps are bound by the host's launches."""
+        if not self.cuda:
+            return None
+        times = []
+        for _ in range(reps):
+            self._reset(grad_to_none)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        return statistics.median(times)
+
     @staticmethod
     def _reset(grad_to_none):
         for t in grad_to_none or ():
@@ -394,11 +409,15 @@ class Bench:
         self.records.append(rec)
         return rec
 
-    def time_impl(self, fam, cfg, dname, lname, impl, module, x, grad, dtype):
+    def time_impl(self, fam, cfg, dname, lname, impl, module, x, grad, dtype, **extra):
         params = [p for p in module.parameters() if p.requires_grad]
         for mode in self.args.modes:
-            ms = self.timer(self.step(module, x, grad, mode, dtype), grad_to_none=[x] + params)
-            self.record(fam, cfg, dname, lname, mode, impl, ms)
+            fn = self.step(module, x, grad, mode, dtype)
+            ms = self.timer(fn, grad_to_none=[x] + params)
+            host = self.timer.host(fn, grad_to_none=[x] + params)
+            if host is not None:
+                extra["host_ms"] = round(host, 5)
+            self.record(fam, cfg, dname, lname, mode, impl, ms, **extra)
 
     # ---- a family ----
     def fused_backends(self):
@@ -541,10 +560,7 @@ class Bench:
         if bad:
             self.skip(what, f"NOT TIMED: {bad}")
             return
-        params = [p for p in ref.parameters() if p.requires_grad]
-        for mode in self.args.modes:
-            ms = self.timer(self.step(compiled, x, grad, mode, dtype), grad_to_none=[x] + params)
-            self.record(fam, cfg, dname, lname, mode, "compile", ms, compile_s=round(compile_s, 1))
+        self.time_impl(fam, cfg, dname, lname, "compile", compiled, x, grad, dtype, compile_s=round(compile_s, 1))
         print(f"  {what}: compiled in {compile_s:.1f} s", flush=True)
 
     # ---- per-op bandwidth ----
@@ -760,6 +776,19 @@ def block_table(records):
     return header, rows
 
 
+def host_table(records):
+    """Host milliseconds to issue one step next to the device's: "host/device" above 1 means
+    that eager steps run back to back wait on the host's launches."""
+    impls = [i for i in impl_order(records) if i != "conv"]
+    rows_d = {}
+    for r in records:
+        if "host_ms" in r and r["impl"] in impls:
+            key = (r["config"], r["dtype"], r["layout"], r["mode"])
+            rows_d.setdefault(key, {})[r["impl"]] = f"{r['host_ms']:.3f} ({r['host_ms'] / r['ms']:.2f})"
+    header = ["config", "dtype", "layout", "mode"] + [f"{i} host ms (host/device)" for i in impls]
+    return header, [list(k) + [d.get(i, "-") for i in impls] for k, d in rows_d.items()]
+
+
 def geomean_table(records):
     gm = geomeans(records)
     impls = [i for i in impl_order(records) if i not in ("eager", "conv")]
@@ -886,6 +915,10 @@ def write_markdown(path, meta, bench):
     lines += ["## Geometric-mean speedup over eager", "", md_table(h, r), ""]
     h, r = block_table(bench.records)
     lines += ["## Per stage (ms, speedup over eager)", "", md_table(h, r), ""]
+    h, r = host_table(bench.records)
+    if r:
+        lines += ["## Host time to issue one step (ms; host/device > 1: launch-bound when run back to back)",
+                  "", md_table(h, r), ""]
     if bench.tail:
         h, r = tail_table(bench.tail)
         lines += ["## Tail: block minus its convolutions (ms, % of copy bandwidth at the tail's minimum bytes)",
@@ -1009,6 +1042,10 @@ def main(argv=None):
     for title, h, r in ops_tables(bench.ops):
         print(f"\nOps, {title}; copy = {bench.copy_gbs:.0f} GB/s")
         print(fmt_table(h, r))
+    h, r = host_table(bench.records)
+    if r:
+        lines += ["## Host time to issue one step (ms; host/device > 1: launch-bound when run back to back)",
+                  "", md_table(h, r), ""]
     if bench.tail:
         h, r = tail_table(bench.tail)
         print("\nTail = block - its convolutions (ms; % of copy bandwidth at the tail's minimum bytes: forward "
