@@ -132,6 +132,7 @@ SPLIT_CASES = [
     pytest.param((3, 2, 1, 1, 6, 4, 5, 3, True, True, True, True), id="resnest"),
     pytest.param((2, 2, 2, 1, 8, 4, 1, 1, False, False, True, True), id="card2-eval"),
     pytest.param((2, 1, 2, 1, 2, 4, 7, 7, True, True, True, True), id="radix1-cg1"),
+    pytest.param((2, 2, 2, 1, 2, 4, 2, 1, False, False, True, False), id="radix2-cg1"),
     pytest.param((2, 3, 1, 2, 6, 4, 33, 40, True, False, False, True), id="sk-hw-tail"),
     pytest.param((2, 2, 1, 4, 136, 8, 3, 3, False, True, True, False), id="c-tail-nobias"),
 ]

@@ -179,8 +179,7 @@ def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, al
     return dy.to(y.dtype).contiguous(memory_format=_layout.memory_format(y))
 
 
-@torch.library.custom_op("splat::split_attention", mutates_args=())
-def _split_attention(
+def _split_attention_impl(
     y: Tensor, bn0_weight: Tensor, bn0_bias: Tensor, bn0_batch_stats: bool, bn0_eps: float,
     fc1_weight: Tensor, fc1_bias: Tensor | None, bn1_weight: Tensor, bn1_bias: Tensor, bn1_batch_stats: bool,
     bn1_eps: float, relu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None, radix: int, cardinality: int,
@@ -202,6 +201,9 @@ def _split_attention(
     )
     mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc) for _ in range(2))
     return _layout.cast(out, out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.probs
+
+
+_split_attention = torch.library.custom_op("splat::split_attention", _split_attention_impl, mutates_args=())
 
 
 @_split_attention.register_fake
@@ -232,8 +234,7 @@ def fake_backward_dy(dout, y, scale, shift, alpha, beta, gamma, delta, radix, gr
     return _layout.empty(y.shape, y)
 
 
-@torch.library.custom_op("splat::split_attention_backward_sums", mutates_args=())
-def _backward_sums(
+def _backward_sums_impl(
     dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, radix: int, groups: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backend.call(
@@ -241,11 +242,13 @@ def _backward_sums(
     )
 
 
+_backward_sums = torch.library.custom_op(
+    "splat::split_attention_backward_sums", _backward_sums_impl, mutates_args=()
+)
 _backward_sums.register_fake(lambda *args: fake_backward_sums(*args[:-1]))
 
 
-@torch.library.custom_op("splat::split_attention_backward_dy", mutates_args=())
-def _backward_dy(
+def _backward_dy_impl(
     dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
     delta: Tensor, radix: int, groups: int, backend: str,
 ) -> Tensor:
@@ -255,6 +258,7 @@ def _backward_dy(
     )
 
 
+_backward_dy = torch.library.custom_op("splat::split_attention_backward_dy", _backward_dy_impl, mutates_args=())
 _backward_dy.register_fake(lambda *args: fake_backward_dy(*args[:-1]))
 
 
@@ -270,6 +274,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     ctx.bn0_batch_stats, ctx.bn1_batch_stats = bn0_batch_stats, bn1_batch_stats
     ctx.config = (bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend)
+    ctx.eager = False
 
 
 def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
@@ -286,15 +291,17 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     if dout is None:
         dout = torch.zeros((B, C, H, W), dtype=out_dtype, device=y.device)
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
-    dscale, dshift, dattn, sum_my, sum_m = _backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
+    backward_sums, backward_dy = (_backward_sums_impl, _backward_dy_impl) if ctx.eager else (_backward_sums, _backward_dy)
+    dscale, dshift, dattn, sum_my, sum_m = backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
     dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(
         dattn, dmean1, dvar1, ctx.has_bias
     )
     # The pool's share of dy is dgap[b, c]/(H*W) for every radix r of channel c: in y's order
-    # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K).
+    # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K). dgap's strides are the
+    # grouped fc's, so its products are reshaped, not viewed.
     pool = dgap.reshape(B, K, 1, C // K) * (1 / (H * W))
-    dscale = dscale + (sum_my.view(B, K, radix, C // K) * pool).sum(0).view(RC)
-    dshift = dshift + (sum_m.view(B, K, radix, C // K) * pool).sum(0).view(RC)
+    dscale = dscale + (sum_my.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
+    dshift = dshift + (sum_m.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
     if ctx.bn0_batch_stats:
         # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
         # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
@@ -311,8 +318,8 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     else:
         dbn0_weight, dbn0_bias = dscale, dshift
         gamma = delta = torch.zeros_like(scale)
-    beta = (pool * scale.view(K, radix, C // K)).view(B, RC)
-    dy = _backward_dy(dout, y, scale, shift, scale * attn, beta, gamma, delta, radix, groups, backend)
+    beta = (pool * scale.view(K, radix, C // K)).reshape(B, RC)
+    dy = backward_dy(dout, y, scale, shift, scale * attn, beta, gamma, delta, radix, groups, backend)
     grads = (dbn0_weight, dbn0_bias, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias)
     params = (bn0_weight, bn0_bias, fc1_weight, fc1_weight, bn1_weight, bn1_bias, fc2_weight, fc2_weight)
     g0w, g0b, g1w, g1b, gbw, gbb, g2w, g2b = (_layout.cast(g, p.dtype) for g, p in zip(grads, params))
@@ -322,16 +329,25 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
 _split_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager() -> bool:
+    """Nothing traces the call or intercepts the dispatcher (torch.compile, export, a
+    TorchDispatchMode such as FakeTensorMode): the ops' Python implementations may then run
+    directly. Through torch.library, each call costs the host tens of microseconds more (argument
+    and alias handling, quadratic in the arguments for the forward's 19): as much as the forward's
+    own small ops."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
 class _EagerAutograd(torch.autograd.Function):
-    """The registered autograd of the op, applied without torch.library's per-call handling of the
-    op's arguments, which for these 19 costs the host about as much as the forward's own small ops
-    (it rebuilds the schema's argument list once per argument). Eager mode only: dynamo does not
-    take ``set_materialize_grads`` inside an autograd.Function, and traces the op itself anyway."""
+    """The op's registered setup_context and backward, around its implementation, for ``_eager()``
+    calls; the backward then calls the two passes' implementations directly too. (Dynamo does not
+    take ``set_materialize_grads`` inside an autograd.Function: compiled code goes through the op.)"""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _split_attention(*inputs)
+        output = _split_attention_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.eager = True
         return output
 
     backward = staticmethod(_backward)
@@ -383,7 +399,12 @@ def split_attention(
     if out_dtype is None:
         out_dtype = torch.promote_types(y.dtype, fc2_weight.dtype)
     backend = _backend.resolve(backend, y, "split_attention")
-    op = _split_attention if torch.compiler.is_compiling() or not torch.is_grad_enabled() else _EagerAutograd.apply
+    if not _eager():
+        op = _split_attention
+    elif torch.is_grad_enabled():
+        op = _EagerAutograd.apply
+    else:
+        op = _split_attention_impl
     out, mean0, var0, mean1, var1, *_ = op(
         _layout.dense(y), bn0_weight.contiguous(), bn0_bias.contiguous(), bool(bn0_batch_stats), float(bn0_eps),
         fc1_weight.contiguous(), None if fc1_bias is None else fc1_bias.contiguous(), bn1_weight.contiguous(),
