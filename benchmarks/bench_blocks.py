@@ -606,7 +606,7 @@ class Bench:
         mlp = [torch.randn(inter, C // K, device=dev) * 0.1, torch.rand(inter, device=dev) + 0.5,
                torch.randn(inter, device=dev) * 0.5, torch.randn(R * C, inter // K, device=dev) * 0.1]
         tail_inputs = (y, scale, shift, *mlp, dout)
-        alpha, beta = attn * scale, torch.randn_like(attn)
+        rstd = (var + 1e-5).rsqrt()
         # Training: three reads of y forward (statistics, pool, sum) and two backward, see NOTES.md.
         tail_bytes = 6 * y.nbytes + 3 * dout.nbytes
 
@@ -624,7 +624,8 @@ class Bench:
             ("split_attention", "bwd-sums", yk, ops.split_attention_backward_sums,
              (dout, y, scale, shift, attn, R, 1, backend)),
             ("split_attention", "bwd-dy", yk, ops.split_attention_backward_dy,
-             (dout, y, scale, shift, alpha, beta, scale, shift, R, 1, backend)),
+             (dout, y, scale, shift, attn, dgap.float(), scale, shift, attn, attn, mean, rstd, None, None, R, 1,
+              backend)),
             ("channel_stats", "fwd", yk, ops.channel_stats, (y, backend)),
             ("channel_stats", "bwd", yk, ops.channel_stats_backward, (dmean, dvar, y, mean, backend)),
             ("radix_pool", "fwd", yk, ops.radix_pool, (y, scale, shift, R, 1, backend)),

@@ -21,8 +21,9 @@ TORCH_LIBRARY(splat_cuda, m) {
       "split_attention_backward_sums(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, int radix,"
       " int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "split_attention_backward_dy(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor alpha, Tensor beta,"
-      " Tensor gamma, Tensor delta, int radix, int groups) -> Tensor");
+      "split_attention_backward_dy(Tensor dout, Tensor y, Tensor scale, Tensor shift, Tensor attn, Tensor dgap,"
+      " Tensor dscale, Tensor dshift, Tensor sum_my, Tensor sum_m, Tensor mean, Tensor rstd, Tensor? dmean,"
+      " Tensor? dvar, int radix, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("channel_stats_forward(Tensor y) -> (Tensor, Tensor)");
   m.def("channel_stats_backward(Tensor dmean, Tensor dvar, Tensor y, Tensor mean) -> Tensor");
 }

@@ -1,6 +1,14 @@
-// split_attention_backward_dy: the second backward pass of splat::split_attention, elementwise over y:
+// split_attention_backward_dy: the second backward pass of splat::split_attention.
 //
-//   dy[b, ch, hw] = [pre > 0] * (alpha[b, ch] * dout[b, c, hw] + beta[b, ch]) + gamma[ch] + delta[ch] * y
+// First, per channel ch of y (one thread each, a fixed-order loop over the batch), BN0's backward:
+//
+//   dscale += sum_b dgap[b, c] * sum_my[b, ch] / hw      dshift += sum_b dgap[b, c] * sum_m[b, ch] / hw
+//
+// then dweight and dbias of BN0 and, with batch statistics, the coefficients gamma and delta of their
+// share of dy. Then, elementwise over y:
+//
+//   dy[b, ch, hw] = [pre > 0] * (scale * attn[b, ch] * dout[b, c, hw] + scale * dgap[b, c] / hw)
+//                   + gamma[ch] + delta[ch] * y
 //
 // with pre = y * scale[ch] + shift[ch], computed in the accumulation dtype; dout is read in y's dtype or
 // in the accumulation dtype. y's channel ch belongs to dout's channel c = plain_of(ch) (common.cuh).
@@ -11,10 +19,67 @@
 namespace splat {
 namespace {
 
-// The coefficients of one channel of y (and of one batch row, for alpha and beta).
+// BN0's backward per channel of y. mean == nullptr: no batch statistics (gamma and delta unused);
+// dmean, dvar == nullptr: no gradient reached the returned statistics.
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+    coefficients(const A* __restrict__ dgap, const A* __restrict__ sum_my, const A* __restrict__ sum_m,
+                 const A* __restrict__ dscale, const A* __restrict__ dshift, const A* __restrict__ scale,
+                 const A* __restrict__ mean, const A* __restrict__ rstd, const A* __restrict__ dmean,
+                 const A* __restrict__ dvar, A* __restrict__ gamma, A* __restrict__ delta, A* __restrict__ dweight,
+                 A* __restrict__ dbias, int64_t B, int64_t C, int64_t RC, Groups gs, int64_t hw) {
+  const int64_t ch = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ch >= RC) return;
+  const int64_t c = plain_of(ch, gs);
+  A my = 0, m = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const A g = dgap[b * C + c];
+    my += g * sum_my[b * RC + ch];
+    m += g * sum_m[b * RC + ch];
+  }
+  const A ds = dscale[ch] + my / A(hw), dh = dshift[ch] + m / A(hw);
+  dbias[ch] = dh;
+  if (mean == nullptr) {
+    dweight[ch] = ds;
+    return;
+  }
+  const A n = A(B * hw);
+  const A dw = (ds - dh * mean[ch]) * rstd[ch];
+  A dl = -(dw * scale[ch] * rstd[ch]) / n;
+  if (dvar != nullptr) dl += A(2) * dvar[ch] / n;
+  A gm = -(dh * scale[ch]) / n - dl * mean[ch];
+  if (dmean != nullptr) gm += dmean[ch] / n;
+  dweight[ch] = dw;
+  gamma[ch] = gm;
+  delta[ch] = dl;
+}
+
+// What the elementwise pass reads: the attention weights and the pooled gradient of one batch
+// row, and BN0's (gamma, delta); gamma == nullptr without batch statistics.
+template <typename A>
+struct DyInputs {
+  const A* scale;
+  const A* shift;
+  const A* attn;
+  const A* dgap;
+  const A* gamma;
+  const A* delta;
+};
+
+// The coefficients of one channel ch of y in batch row b.
 template <typename A>
 struct Coef {
   A scale, shift, alpha, beta, gamma, delta;
+
+  Coef() = default;
+  __device__ __forceinline__ Coef(const DyInputs<A>& in, int64_t b, int64_t ch, int64_t C, int64_t RC,
+                                  const Groups& gs, int64_t hw)
+      : scale(in.scale[ch]),
+        shift(in.shift[ch]),
+        alpha(scale * in.attn[b * RC + ch]),
+        beta(scale * (in.dgap[b * C + plain_of(ch, gs)] / A(hw))),
+        gamma(in.gamma == nullptr ? A(0) : in.gamma[ch]),
+        delta(in.gamma == nullptr ? A(0) : in.delta[ch]) {}
 
   __device__ __forceinline__ A dy(A x, A go) const {
     return (affine(x, scale, shift) > A(0) ? alpha * go + beta : A(0)) + gamma + delta * x;
@@ -24,17 +89,15 @@ struct Coef {
 // NCHW: one group per row (b, ch) of y, reading the row (b, plain_of(ch)) of dout.
 template <typename T, typename D>
 __global__ void __launch_bounds__(kMaxBlock)
-    dy_nchw(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
-            const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ alpha, const acc_t<T>* __restrict__ beta,
-            const acc_t<T>* __restrict__ gamma, const acc_t<T>* __restrict__ delta, T* __restrict__ dy, int64_t rows,
-            int64_t C, int64_t RC, Groups gs, int64_t hw, int group) {
+    dy_nchw(const D* __restrict__ dout, const T* __restrict__ y, const DyInputs<acc_t<T>> in, T* __restrict__ dy,
+            int64_t rows, int64_t C, int64_t RC, Groups gs, int64_t hw, int group) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   if (row >= rows) return;
   const int lane = threadIdx.x % group;
   const int64_t ch = row % RC;
-  const Coef<A> c{scale[ch], shift[ch], alpha[row], beta[row], gamma[ch], delta[ch]};
+  const Coef<A> c(in, row / RC, ch, C, RC, gs, hw);
   const T* yr = y + row * hw;
   const D* gr = dout + (row / RC * C + plain_of(ch, gs)) * hw;
   T* dr = dy + row * hw;
@@ -53,20 +116,15 @@ __global__ void __launch_bounds__(kMaxBlock)
 // needs V | CG, so that they are V contiguous channels of dout too).
 template <typename T, typename D, int V>
 __global__ void __launch_bounds__(kBlock)
-    dy_nhwc(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
-            const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ alpha, const acc_t<T>* __restrict__ beta,
-            const acc_t<T>* __restrict__ gamma, const acc_t<T>* __restrict__ delta, T* __restrict__ dy, int64_t C,
-            int64_t RC, Groups gs, int64_t hw, NhwcPlan p) {
+    dy_nhwc(const D* __restrict__ dout, const T* __restrict__ y, const DyInputs<acc_t<T>> in, T* __restrict__ dy,
+            int64_t C, int64_t RC, Groups gs, int64_t hw, NhwcPlan p) {
   using A = acc_t<T>;
   const NhwcTile t = nhwc_tile(p, hw);
   const int64_t ch0 = (t.tile * p.tx + t.tx) * V;
   if (ch0 >= RC) return;
   Coef<A> c[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t ch = ch0 + k, at = t.batch * RC + ch;
-    c[k] = {scale[ch], shift[ch], alpha[at], beta[at], gamma[ch], delta[ch]};
-  }
+  for (int k = 0; k < V; ++k) c[k] = Coef<A>(in, t.batch, ch0 + k, C, RC, gs, hw);
   const int64_t offset = t.batch * hw * RC + ch0;
   const D* gb = dout + t.batch * hw * C + plain_of(ch0, gs);
 #pragma unroll 4
@@ -80,60 +138,97 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// A per-(b, channel) (B, R*C) matrix in y's accumulation dtype, on y's device.
-void check_row_matrix(const at::Tensor& m, const at::Tensor& y, const char* name) {
+// A (B, n) matrix in y's accumulation dtype, on y's device.
+void check_rows(const at::Tensor& m, const at::Tensor& y, int64_t n, const char* name) {
   check_on_device_of(m, y, name, "y");
-  check_shape(m, {y.size(0), y.size(1)}, name);
+  check_shape(m, {y.size(0), n}, name);
   const auto acc = acc_dtype(y.scalar_type());
   TORCH_CHECK(m.scalar_type() == acc, name, " must be ", acc, " for y of dtype ", y.scalar_type(), ", got ",
               m.scalar_type());
 }
 
-at::Tensor split_attention_backward_dy(const at::Tensor& dout_in, const at::Tensor& y_in, const at::Tensor& scale_in,
-                                       const at::Tensor& shift_in, const at::Tensor& alpha_in,
-                                       const at::Tensor& beta_in, const at::Tensor& gamma_in,
-                                       const at::Tensor& delta_in, int64_t radix, int64_t groups) {
+// The pointer of an optional per-channel vector (contiguous in `keep`), nullptr when absent.
+template <typename A>
+const A* optional_vector(const std::optional<at::Tensor>& v, const at::Tensor& y, const char* name, at::Tensor& keep) {
+  if (!v.has_value()) return nullptr;
+  check_channel_vector(*v, y, name);
+  keep = v->contiguous();
+  return keep.const_data_ptr<A>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split_attention_backward_dy(
+    const at::Tensor& dout_in, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+    const at::Tensor& attn_in, const at::Tensor& dgap_in, const at::Tensor& dscale_in, const at::Tensor& dshift_in,
+    const at::Tensor& sum_my_in, const at::Tensor& sum_m_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const std::optional<at::Tensor>& dmean_in, const std::optional<at::Tensor>& dvar_in, int64_t radix,
+    int64_t groups) {
   check_conv_output(y_in, radix);
   check_groups(y_in, radix, groups);
   check_dout(dout_in, y_in, radix);
+  const int64_t B = y_in.size(0), RC = y_in.size(1), C = RC / radix, hw = y_in.size(2) * y_in.size(3);
   check_channel_vector(scale_in, y_in, "scale");
   check_channel_vector(shift_in, y_in, "shift");
-  check_row_matrix(alpha_in, y_in, "alpha");
-  check_row_matrix(beta_in, y_in, "beta");
-  check_channel_vector(gamma_in, y_in, "gamma");
-  check_channel_vector(delta_in, y_in, "delta");
+  check_channel_vector(dscale_in, y_in, "dscale");
+  check_channel_vector(dshift_in, y_in, "dshift");
+  check_rows(attn_in, y_in, RC, "attn");
+  check_rows(sum_my_in, y_in, RC, "sum_my");
+  check_rows(sum_m_in, y_in, RC, "sum_m");
+  check_rows(dgap_in, y_in, C, "dgap");
+  const bool batch_stats = mean_in.numel() > 0;
+  if (batch_stats) {
+    check_channel_vector(mean_in, y_in, "mean");
+    check_channel_vector(rstd_in, y_in, "rstd");
+  } else {
+    TORCH_CHECK(rstd_in.numel() == 0, "rstd must be empty when mean is (no batch statistics), got ",
+                rstd_in.sizes());
+    TORCH_CHECK(!dmean_in.has_value() && !dvar_in.has_value(),
+                "dmean and dvar need the batch statistics (mean and rstd), which are empty");
+  }
   const auto fmt = layout_of(y_in);
   const at::Tensor y = y_in.contiguous(fmt), dout = dout_to_read(dout_in, y, fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const at::Tensor alpha = alpha_in.contiguous(), beta = beta_in.contiguous();
-  const at::Tensor gamma = gamma_in.contiguous(), delta = delta_in.contiguous();
-  const int64_t B = y.size(0), RC = y.size(1), C = RC / radix, hw = y.size(2) * y.size(3);
+  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous(), attn = attn_in.contiguous();
+  const at::Tensor dgap = dgap_in.contiguous(), dscale = dscale_in.contiguous(), dshift = dshift_in.contiguous();
+  const at::Tensor sum_my = sum_my_in.contiguous(), sum_m = sum_m_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Groups gs{C / groups, RC / groups};
   const at::Tensor dy = at::empty(y.sizes(), y.options().memory_format(fmt));
-  if (y.numel() == 0) return dy;
+  const at::Tensor dweight = at::empty({RC}, scale.options()), dbias = at::empty({RC}, scale.options());
+  const at::Tensor gamma = batch_stats ? at::empty({RC}, scale.options()) : at::Tensor();
+  const at::Tensor delta = batch_stats ? at::empty({RC}, scale.options()) : at::Tensor();
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "split_attention_backward_dy", [&] {
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>;
+    at::Tensor dmean, dvar;  // contiguous copies, alive until the launches are queued
+    const A* dmean_data = optional_vector<A>(dmean_in, y, "dmean", dmean);
+    const A* dvar_data = optional_vector<A>(dvar_in, y, "dvar", dvar);
+    A* const gamma_data = batch_stats ? gamma.mutable_data_ptr<A>() : nullptr;
+    A* const delta_data = batch_stats ? delta.mutable_data_ptr<A>() : nullptr;
+    if (RC > 0) {
+      coefficients<A><<<ceil_div(RC, int64_t(kBlock)), kBlock, 0, stream>>>(
+          dgap.const_data_ptr<A>(), sum_my.const_data_ptr<A>(), sum_m.const_data_ptr<A>(), dscale.const_data_ptr<A>(),
+          dshift.const_data_ptr<A>(), scale.const_data_ptr<A>(), batch_stats ? mean.const_data_ptr<A>() : nullptr,
+          batch_stats ? rstd.const_data_ptr<A>() : nullptr, dmean_data, dvar_data, gamma_data, delta_data,
+          dweight.mutable_data_ptr<A>(), dbias.mutable_data_ptr<A>(), B, C, RC, gs, hw);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (y.numel() == 0) return;
+    const DyInputs<A> in{scale.const_data_ptr<A>(), shift.const_data_ptr<A>(), attn.const_data_ptr<A>(),
+                         dgap.const_data_ptr<A>(),  gamma_data,                 delta_data};
     const auto launch = [&](auto dout_tag) {
       using D = decltype(dout_tag);
       if (fmt == at::MemoryFormat::Contiguous) {
         const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
         dy_nchw<scalar_t, D><<<plan.blocks, plan.threads, 0, stream>>>(
-            dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), alpha.const_data_ptr<A>(), beta.const_data_ptr<A>(),
-            gamma.const_data_ptr<A>(), delta.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), B * RC, C, RC,
-            gs, hw, plan.group);
+            dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), in, dy.mutable_data_ptr<scalar_t>(), B * RC, C,
+            RC, gs, hw, plan.group);
       } else {
         const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
         const auto kernel = vec ? dy_nhwc<scalar_t, D, V> : dy_nhwc<scalar_t, D, 1>;
-        kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
-            dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), alpha.const_data_ptr<A>(), beta.const_data_ptr<A>(),
-            gamma.const_data_ptr<A>(), delta.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), C, RC, gs, hw,
-            plan);
+        kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(),
+                                                             in, dy.mutable_data_ptr<scalar_t>(), C, RC, gs, hw, plan);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -143,7 +238,7 @@ at::Tensor split_attention_backward_dy(const at::Tensor& dout_in, const at::Tens
       launch(A{});
     }
   });
-  return dy;
+  return {dy, dweight, dbias};
 }
 
 }  // namespace

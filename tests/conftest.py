@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -6,6 +9,13 @@ import torch
 # imported, so that on a machine without a GPU backend="triton" runs the real kernels on CPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk cache does not key on a custom op's registered backward
+# (pytorch/pytorch#144344): one written before a change to splat's ops would replay the old
+# backward. Every test run compiles into a fresh cache of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="splat-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -106,7 +106,7 @@ def compare(fn, inputs, grad_offset, name, min_tol=0.0):
 
 def compare_split_attention_backward(y, scale, shift, radix, groups, layout, offset, name, dout_dtype=None):
     """split_attention's raw backward passes against their torch references, for a random dout
-    (y's dtype unless given), attn, and dy coefficients in the accumulation dtype."""
+    (y's dtype unless given), and random attn and pass-2 inputs in the accumulation dtype."""
     sc = torch.ops.splat_cuda
     B, RC, H, W = y.shape
     acc = acc_dtype(y.dtype)
@@ -115,11 +115,18 @@ def compare_split_attention_backward(y, scale, shift, radix, groups, layout, off
     args = (dout, y, scale, shift, attn, radix, groups)
     for i, (a, e) in enumerate(zip(sc.split_attention_backward_sums(*args), _torch_backward_sums(*args))):
         assert_matches(a, e, f"split_attention_backward_sums output {i} {name}")
-    alpha, beta = (make((B, RC), acc, offset=offset, device=y.device) for _ in range(2))
-    gamma, delta = (make((RC,), acc, offset=offset, device=y.device) for _ in range(2))
-    args = (dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups)
-    dy, expected = sc.split_attention_backward_dy(*args), _torch_backward_dy(*args)
-    assert_matches(dy, expected, f"split_attention_backward_dy {name}")
+    rows = lambda n: make((B, n), acc, offset=offset, device=y.device)  # noqa: E731
+    vector = lambda: make((RC,), acc, offset=offset, device=y.device)  # noqa: E731
+    pass1 = (rows(RC // radix), vector(), vector(), rows(RC), rows(RC))  # dgap, dscale, dshift, sum_my, sum_m
+    empty = y.new_empty(0, dtype=acc)
+    for stats, (mean, rstd, dmean, dvar) in {
+        "batch statistics": (vector(), vector().abs() + 0.5, vector(), vector()),
+        "batch statistics, no dmean": (vector(), vector().abs() + 0.5, None, vector()),
+        "no statistics": (empty, empty, None, None),
+    }.items():
+        args = (dout, y, scale, shift, attn, *pass1, mean, rstd, dmean, dvar, radix, groups)
+        for i, (a, e) in enumerate(zip(sc.split_attention_backward_dy(*args), _torch_backward_dy(*args))):
+            assert_matches(a, e, f"split_attention_backward_dy output {i}, {stats}, {name}")
 
 
 def test_unavailable_without_cuda():
@@ -277,8 +284,9 @@ def op_samples(layout, dtype, attn_dtype=None):
     attn = torch.rand(B, R * C, device="cuda", dtype=attn_dtype or dtype)
     out_dtype = torch.promote_types(dtype, attn.dtype)
     mean = torch.randn(R * C, device="cuda", dtype=acc)
-    rows = [torch.randn(B, R * C, device="cuda", dtype=acc) for _ in range(2)]
-    vectors = [torch.randn(R * C, device="cuda", dtype=acc) for _ in range(2)]
+    rows = [torch.randn(B, n, device="cuda", dtype=acc) for n in (R * C, C, R * C, R * C)]  # attn, dgap, sums
+    vectors = [torch.randn(R * C, device="cuda", dtype=acc) for _ in range(6)]  # dscale, dshift, stats, dstats
+    empty = vectors[0][:0]
     return [
         (sc.radix_pool_forward, (y, scale, shift, R, 1)),
         (sc.radix_pool_forward, (y, scale, shift, R, K)),
@@ -295,8 +303,10 @@ def op_samples(layout, dtype, attn_dtype=None):
         (sc.channel_stats_backward, (torch.randn_like(mean), torch.randn_like(mean), y, mean)),
         (sc.split_attention_backward_sums, (make((B, C, H, W), dtype, layout), y, scale, shift, attn.to(acc), R, 1)),
         (sc.split_attention_backward_sums, (make((B, C, H, W), dtype, layout), y, scale, shift, attn.to(acc), R, K)),
-        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows, *vectors, R, 1)),
-        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows, *vectors, R, K)),
+        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows[:2], *vectors[:2],
+                                          *rows[2:], *vectors[2:], R, 1)),
+        (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows[:2], *vectors[:2],
+                                          *rows[2:], empty, empty, None, None, R, K)),
     ]
 
 
@@ -328,7 +338,11 @@ def test_empty_batch(cuda_ops, layout):
     assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
     dscale, dshift, dattn, sum_my, sum_m = sc.split_attention_backward_sums(dout, y, scale, shift, attn, 2, 2)
     assert dattn.shape == sum_my.shape == sum_m.shape == (0, 16) and not dscale.any() and not dshift.any()
-    assert sc.split_attention_backward_dy(dout, y, scale, shift, attn, attn, scale, shift, 2, 2).shape == y.shape
+    dgap = torch.empty(0, 8, device="cuda")
+    dy, dweight, dbias = sc.split_attention_backward_dy(
+        dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, scale[:0], scale[:0], None, None, 2, 2
+    )
+    assert dy.shape == y.shape and torch.equal(dweight, dscale) and torch.equal(dbias, dshift)
     assert sc.radix_softmax_forward(attn, 2, 2).shape == (0, 16)
     mean, var = sc.channel_stats_forward(y)
     assert mean.shape == var.shape == (16,) and mean.isnan().all() and var.isnan().all()
@@ -389,9 +403,19 @@ def test_invalid_inputs(cuda_ops):
         sc.split_attention_backward_sums(dout[:, :4], y, scale, shift, rows, 2, 1)
     with pytest.raises(RuntimeError, match="groups=3 must divide"):
         sc.split_attention_backward_sums(dout, y, scale, shift, rows, 2, 3)
-    with pytest.raises(RuntimeError, match="alpha must have shape"):
-        sc.split_attention_backward_dy(dout, y, scale, shift, rows[:, :8], rows, scale, shift, 2, 1)
-    with pytest.raises(RuntimeError, match="beta must be"):
-        sc.split_attention_backward_dy(dout, y, scale, shift, rows, rows.double(), scale, shift, 2, 1)
-    with pytest.raises(RuntimeError, match="delta must have shape"):
-        sc.split_attention_backward_dy(dout, y, scale, shift, rows, rows, scale, shift[:8], 2, 1)
+    dgap = rows[:, :8]
+
+    def pass2(attn=rows, dgap=dgap, sum_m=rows, rstd=scale, dvar=None):
+        return sc.split_attention_backward_dy(dout, y, scale, shift, attn, dgap, scale, shift, rows, sum_m, shift,
+                                              rstd, None, dvar, 2, 1)
+
+    with pytest.raises(RuntimeError, match="attn must have shape"):
+        pass2(attn=rows[:, :8])
+    with pytest.raises(RuntimeError, match="dgap must have shape"):
+        pass2(dgap=rows)
+    with pytest.raises(RuntimeError, match="sum_m must be"):
+        pass2(sum_m=rows.double())
+    with pytest.raises(RuntimeError, match="rstd must have shape"):
+        pass2(rstd=scale[:8])
+    with pytest.raises(RuntimeError, match="dvar must have shape"):
+        pass2(dvar=scale[:8])

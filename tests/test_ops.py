@@ -127,14 +127,17 @@ def test_channel_stats(backend, dtype, layout, case):
 # (B, radix, cardinality, groups, C, inter, H, W, bn0 batch stats, bn1 batch stats, relu, biases):
 # ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate with one channel per group (fc
 # outputs whose strides are not row-major), SK's (k, r, j) channel order with
-# H*W tails and no activation (the original SKConv), more channels than one tile without biases.
+# H*W tails and no activation (the original SKConv), more channels than one tile without biases,
+# softmax with one channel per group (the fc backward's dgap not row-major), more batch rows than
+# one tile of the backward's reduction over the batch.
 SPLIT_CASES = [
     pytest.param((3, 2, 1, 1, 6, 4, 5, 3, True, True, True, True), id="resnest"),
     pytest.param((2, 2, 2, 1, 8, 4, 1, 1, False, False, True, True), id="card2-eval"),
     pytest.param((2, 1, 2, 1, 2, 4, 7, 7, True, True, True, True), id="radix1-cg1"),
-    pytest.param((2, 2, 2, 1, 2, 4, 2, 1, False, False, True, False), id="radix2-cg1"),
     pytest.param((2, 3, 1, 2, 6, 4, 33, 40, True, False, False, True), id="sk-hw-tail"),
     pytest.param((2, 2, 1, 4, 136, 8, 3, 3, False, True, True, False), id="c-tail-nobias"),
+    pytest.param((2, 2, 2, 1, 2, 4, 2, 1, False, False, True, False), id="radix2-cg1"),
+    pytest.param((18, 2, 1, 1, 4, 8, 2, 3, True, True, True, True), id="batch-tiles"),
 ]
 
 
@@ -276,6 +279,8 @@ def opcheck_cases(backend):
     attn = rand(B, R * C).sigmoid().requires_grad_()
     splat = torch.ops.splat
     saved = [t.detach() for t in (y, scale, shift, attn)]
+    # dgap, dscale, dshift, sum_my, sum_m: what pass 1 and the MLP's backward hand to pass 2.
+    pass1 = (rand(B, C), rand(R * C), rand(R * C), rand(B, R * C), rand(B, R * C))
     return [
         (splat.radix_pool, (y, scale, shift, R, 1, backend)),
         (splat.radix_pool, (y_nhwc, scale, shift, R, 2, backend)),
@@ -292,8 +297,10 @@ def opcheck_cases(backend):
         (splat.channel_stats, (y_nhwc, backend)),
         (splat.channel_stats_backward, (rand(R * C), rand(R * C), saved[0], rand(R * C), backend)),
         (splat.split_attention_backward_sums, (rand(B, C, H, W), *saved, R, 1, backend)),
-        (splat.split_attention_backward_dy, (rand(B, C, H, W), *saved[:3], rand(B, R * C), rand(B, R * C),
+        (splat.split_attention_backward_dy, (rand(B, C, H, W), *saved, *pass1, rand(R * C), rand(R * C).exp(),
                                              rand(R * C), rand(R * C), R, 2, backend)),
+        (splat.split_attention_backward_dy, (rand(B, C, H, W), *saved, *pass1, rand(0), rand(0), None, None,
+                                             R, 1, backend)),
     ] + [
         (splat.split_attention, split_attention_args(case, layout, backend))
         for case, layout in ((SPLIT_CASES[0], torch.contiguous_format), (SPLIT_CASES[4], torch.channels_last))

@@ -86,7 +86,7 @@ def _tail_ops(B, radix, C, H, W, dtype, layout, groups=1):
 
 
 def _split_attention(B, radix, C, H, W, dtype, layout, groups=1):
-    """The whole-tail op forward and backward, training statistics, on one shape."""
+    """The whole-tail op forward and backward, training statistics (differentiated too), on one shape."""
     from splat import ops
 
     y = _empty((B, radix * C, H, W), dtype, layout, requires_grad=True)
@@ -94,12 +94,12 @@ def _split_attention(B, radix, C, H, W, dtype, layout, groups=1):
     inter = max(C // 2, 32)
     ones = torch.ones(radix * C, dtype=acc, requires_grad=True)
     bn1 = (torch.ones(inter, dtype=acc), torch.zeros(inter, dtype=acc), True, 1e-5)
-    out, *_ = ops.split_attention(
+    out, mean0, var0, *_ = ops.split_attention(
         y, bn0=(ones, torch.zeros_like(ones), True, 1e-5), fc1_weight=_empty((inter, C), acc), fc1_bias=None,
         bn1=bn1, relu=True, fc2_weight=_empty((radix * C, inter), acc), fc2_bias=None, radix=radix,
         groups=groups, backend="triton",
     )
-    out.to(acc).sum().backward()
+    (out.to(acc).sum() + mean0.sum() + var0.sum()).backward()
 
 
 def _blocks(dtype, layout):

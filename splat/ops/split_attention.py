@@ -22,9 +22,12 @@ the tiny MLP lets the backward read y and dout twice and write dy once:
 1. ``split_attention_backward_sums``: per (b, channel of y), dattn = sum_hw dout*relu(pre), the
    attention-weighted sums that give dscale and dshift, and sum_hw m*y, sum_hw m (m = [pre > 0]),
    which carry the pool's share of dscale and dshift once dgap is known;
-2. the MLP and BN backward on (B, C)-sized vectors, here in PyTorch;
-3. ``split_attention_backward_dy``: dy = m*(alpha*dout + beta) + gamma + delta*y, alpha and beta
-   per (b, channel), gamma and delta per channel (the batch statistics' share).
+2. the MLP backward on (B, C)-sized vectors, here in PyTorch, giving dgap;
+3. ``split_attention_backward_dy``: BN0's backward per channel (the pool's share of dscale and
+   dshift from dgap and the sums, then dweight and the batch statistics' share gamma + delta*y,
+   in a reduction over the batch; a small kernel of its own), then
+   dy = m*(scale*attn*dout + scale*dgap/(H*W)) + gamma + delta*y. It returns BN0's dweight and
+   dbias too.
 The conv output y and (B, C)-sized vectors are all the backward keeps: besides out and the batch
 statistics, the raw op returns gap, the fc1 output and the softmax (sigmoid) probabilities, marked
 non-differentiable, for its backward; ``split_attention`` below returns the first five.
@@ -151,10 +154,11 @@ class _Mlp:
 
 
 def _bn0_affine(bn0_weight, bn0_bias, batch_stats, eps, mean0, var0, acc):
-    """BN0 as (scale, shift, rstd) in the accumulation dtype; rstd None without batch statistics."""
+    """BN0 as (scale, shift, rstd) in the accumulation dtype; without batch statistics rstd is
+    ``var0``, empty as the statistics are."""
     weight, bias = _layout.cast(bn0_weight, acc), _layout.cast(bn0_bias, acc)
     if not batch_stats:
-        return weight, bias, None
+        return weight, bias, var0
     rstd = torch.rsqrt(var0 + eps)
     scale = weight * rstd
     return scale, torch.addcmul(bias, mean0, scale, value=-1), rstd
@@ -167,16 +171,38 @@ def _torch_backward_sums(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, 
     return dscale, dshift, dattn.to(scale.dtype), (m * y.to(scale.dtype)).sum((2, 3)), m.sum((2, 3))
 
 
-def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor,
-                       gamma: Tensor, delta: Tensor, radix: int, groups: int) -> Tensor:
+def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, dgap: Tensor,
+                       dscale: Tensor, dshift: Tensor, sum_my: Tensor, sum_m: Tensor, mean: Tensor, rstd: Tensor,
+                       dmean: Tensor | None, dvar: Tensor | None, radix: int, groups: int):
     B, RC, H, W = y.shape
+    C, K = RC // radix, groups
+    # The pool's share of dy is dgap[b, c]/(H*W) for every radix r of channel c: in y's order
+    # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K). dgap's strides are the
+    # grouped fc's, so its products are reshaped, not viewed.
+    pool = dgap.reshape(B, K, 1, C // K) * (1 / (H * W))
+    dscale = dscale + (sum_my.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
+    dshift = dshift + (sum_m.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
+    dweight, gamma, delta = dscale, 0.0, 0.0
+    if mean.numel():
+        # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
+        # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
+        # (dmean + 2*dvar*(y - mean))/n = gamma + delta*y.
+        n = B * H * W
+        dweight = torch.addcmul(dscale, dshift, mean, value=-1) * rstd
+        delta = dweight * scale * (rstd * (-1 / n))
+        if dvar is not None:
+            delta = delta + dvar * (2 / n)
+        gamma = torch.addcmul(dshift * scale * (-1 / n), delta, mean, value=-1)
+        if dmean is not None:
+            gamma = gamma + dmean / n
+        gamma, delta = gamma[:, None, None], delta[:, None, None]
+    alpha = (scale * attn)[:, :, None, None]
+    beta = (pool * scale.view(K, radix, C // K)).reshape(B, RC)[:, :, None, None]
     y_acc = y.to(scale.dtype)
     m = y_acc * scale[:, None, None] + shift[:, None, None] > 0
-    d = dout.to(scale.dtype).reshape(B, groups, 1, RC // (radix * groups), H, W)
-    d = d.expand(B, groups, radix, RC // (radix * groups), H, W).reshape(B, RC, H, W)
-    dy = m * (alpha[:, :, None, None] * d + beta[:, :, None, None])
-    dy = dy + gamma[:, None, None] + delta[:, None, None] * y_acc
-    return dy.to(y.dtype).contiguous(memory_format=_layout.memory_format(y))
+    d = dout.to(scale.dtype).reshape(B, K, 1, C // K, H, W).expand(B, K, radix, C // K, H, W).reshape(B, RC, H, W)
+    dy = m * (alpha * d + beta) + gamma + delta * y_acc
+    return dy.to(y.dtype).contiguous(memory_format=_layout.memory_format(y)), dweight, dshift
 
 
 def _split_attention_impl(
@@ -229,9 +255,10 @@ def fake_backward_sums(dout, y, scale, shift, attn, radix, groups):
     return torch.empty_like(scale), torch.empty_like(scale), rows(), rows(), rows()
 
 
-def fake_backward_dy(dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups):
-    """Shape of the second backward pass (``splat_cuda::split_attention_backward_dy`` shares it)."""
-    return _layout.empty(y.shape, y)
+def fake_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean, rstd, dmean, dvar,
+                     radix, groups):
+    """Shapes of the second backward pass (``splat_cuda::split_attention_backward_dy`` shares it)."""
+    return _layout.empty(y.shape, y), torch.empty_like(scale), torch.empty_like(scale)
 
 
 def _backward_sums_impl(
@@ -249,12 +276,13 @@ _backward_sums.register_fake(lambda *args: fake_backward_sums(*args[:-1]))
 
 
 def _backward_dy_impl(
-    dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
-    delta: Tensor, radix: int, groups: int, backend: str,
-) -> Tensor:
+    dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, dgap: Tensor, dscale: Tensor,
+    dshift: Tensor, sum_my: Tensor, sum_m: Tensor, mean: Tensor, rstd: Tensor, dmean: Tensor | None,
+    dvar: Tensor | None, radix: int, groups: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _backend.call(
         backend, "split_attention_backward_dy", _torch_backward_dy,
-        dout, y, scale, shift, alpha, beta, gamma, delta, radix, groups,
+        dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean, rstd, dmean, dvar, radix, groups,
     )
 
 
@@ -283,43 +311,24 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend = ctx.config
     acc = _layout.acc_dtype(y.dtype)
     B, RC, H, W = y.shape
-    C, K = RC // radix, groups
     scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, mean0, var0, acc)
     mlp = _Mlp(gap, fc1_weight, None, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
                radix, cardinality, groups, acc, (mean1, var1) if ctx.bn1_batch_stats else None, (z1, probs))
     attn = _layout.cast(_layout.cast(mlp.attn(), out_dtype), acc)
     if dout is None:
-        dout = torch.zeros((B, C, H, W), dtype=out_dtype, device=y.device)
+        dout = torch.zeros((B, RC // radix, H, W), dtype=out_dtype, device=y.device)
     dout = dout.contiguous(memory_format=_layout.memory_format(y))
     backward_sums, backward_dy = (_backward_sums_impl, _backward_dy_impl) if ctx.eager else (_backward_sums, _backward_dy)
     dscale, dshift, dattn, sum_my, sum_m = backward_sums(dout, y, scale, shift, attn, radix, groups, backend)
     dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias = mlp.backward(
         dattn, dmean1, dvar1, ctx.has_bias
     )
-    # The pool's share of dy is dgap[b, c]/(H*W) for every radix r of channel c: in y's order
-    # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K). dgap's strides are the
-    # grouped fc's, so its products are reshaped, not viewed.
-    pool = dgap.reshape(B, K, 1, C // K) * (1 / (H * W))
-    dscale = dscale + (sum_my.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
-    dshift = dshift + (sum_m.view(B, K, radix, C // K) * pool).sum(0).reshape(RC)
-    if ctx.bn0_batch_stats:
-        # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
-        # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
-        # (dmean + 2*dvar*(y - mean))/n = gamma + delta*y. Written in few ops: each is a launch.
-        n = B * H * W
-        dbn0_bias = dshift
-        dbn0_weight = torch.addcmul(dscale, dshift, mean0, value=-1) * rstd
-        delta = dbn0_weight * scale * (rstd * (-1 / n))
-        if dvar0 is not None:
-            delta = torch.add(delta, dvar0, alpha=2 / n)
-        gamma = torch.addcmul(dshift * scale * (-1 / n), delta, mean0, value=-1)
-        if dmean0 is not None:
-            gamma = torch.add(gamma, dmean0, alpha=1 / n)
-    else:
-        dbn0_weight, dbn0_bias = dscale, dshift
-        gamma = delta = torch.zeros_like(scale)
-    beta = (pool * scale.view(K, radix, C // K)).reshape(B, RC)
-    dy = backward_dy(dout, y, scale, shift, scale * attn, beta, gamma, delta, radix, groups, backend)
+    if not ctx.bn0_batch_stats:
+        dmean0 = dvar0 = None  # gradients of the empty statistics, if any: nothing to add
+    dy, dbn0_weight, dbn0_bias = backward_dy(
+        dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean0, rstd, dmean0, dvar0, radix, groups,
+        backend,
+    )
     grads = (dbn0_weight, dbn0_bias, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias)
     params = (bn0_weight, bn0_bias, fc1_weight, fc1_weight, bn1_weight, bn1_bias, fc2_weight, fc2_weight)
     g0w, g0b, g1w, g1b, gbw, gbb, g2w, g2b = (_layout.cast(g, p.dtype) for g, p in zip(grads, params))
