@@ -171,6 +171,19 @@ def test_autocast_output_dtype(train):
     torch.testing.assert_close(out.float(), exp.float(), rtol=5e-2, atol=5e-2)
 
 
+def test_bfloat16_running_statistics():
+    """bfloat16 BN buffers: the batch statistics (float32) update them as BatchNorm2d does, rounded once."""
+    ref, fused = make_pair(CONFIGS["resnest"], "torch", torch.bfloat16)
+    for _ in range(2):
+        x = rand(4, 16, 5, 5, dtype=torch.bfloat16)
+        ref(x), fused(x)
+    for name, buffer in ref.state_dict().items():
+        if "running" in name:
+            got = fused.state_dict()[name]
+            assert got.dtype == torch.bfloat16, name
+            torch.testing.assert_close(got.float(), buffer.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
 def test_empty_batch():
     fused = splat.FusedSplAtConv2d(**CONFIGS["resnest"]).to(DEVICE)
     out = fused(rand(0, 16, 7, 7, dtype=torch.float32))

@@ -24,9 +24,11 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) 
     bn.num_batches_tracked.add_(1)
     factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
     with torch.no_grad():
-        # In place when the buffers are in the statistics' dtype (copy_ of a tensor to itself is a no-op).
-        bn.running_mean.copy_(_layout.cast(bn.running_mean, mean.dtype).lerp_(mean, factor))
-        bn.running_var.copy_(_layout.cast(bn.running_var, var.dtype).lerp_(var * (n / (n - 1)), factor))
+        for buffer, batch in ((bn.running_mean, mean), (bn.running_var, var * (n / (n - 1)))):
+            if buffer.dtype == batch.dtype:
+                buffer.lerp_(batch, factor)
+            else:  # e.g. bfloat16 buffers: update in the statistics' float32, then round once
+                buffer.copy_(buffer.to(batch.dtype).lerp_(batch, factor))
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
