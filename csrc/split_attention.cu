@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> split_attention_backward_dy(
     A* const gamma_data = batch_stats ? gamma.mutable_data_ptr<A>() : nullptr;
     A* const delta_data = batch_stats ? delta.mutable_data_ptr<A>() : nullptr;
     if (RC > 0) {
-      coefficients<A><<<ceil_div(RC, int64_t(kBlock)), kBlock, 0, stream>>>(
+      coefficients<A><<<grid_size(ceil_div(RC, kBlock)), kBlock, 0, stream>>>(
           dgap.const_data_ptr<A>(), sum_my.const_data_ptr<A>(), sum_m.const_data_ptr<A>(), dscale.const_data_ptr<A>(),
           dshift.const_data_ptr<A>(), scale.const_data_ptr<A>(), batch_stats ? mean.const_data_ptr<A>() : nullptr,
           batch_stats ? rstd.const_data_ptr<A>() : nullptr, dmean_data, dvar_data, gamma_data, delta_data,
