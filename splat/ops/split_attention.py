@@ -352,12 +352,12 @@ class _EagerAutograd(torch.autograd.Function):
     calls; the backward then calls the two passes' implementations directly too. (Dynamo does not
     take ``set_materialize_grads`` inside an autograd.Function: compiled code goes through the op.)"""
 
+    forward = staticmethod(_split_attention_impl)
+
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _split_attention_impl(*inputs)
+    def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
         ctx.eager = True
-        return output
 
     backward = staticmethod(_backward)
 
