@@ -352,12 +352,14 @@ class _EagerAutograd(torch.autograd.Function):
     calls; the backward then calls the two passes' implementations directly too. (Dynamo does not
     take ``set_materialize_grads`` inside an autograd.Function: compiled code goes through the op.)"""
 
-    forward = staticmethod(_split_attention_impl)
-
+    # ctx in forward rather than a separate setup_context: with one, apply binds the 19 arguments
+    # to forward's signature through inspect on every call (over 100 us).
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, *inputs):
+        output = _split_attention_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.eager = True
+        return output
 
     backward = staticmethod(_backward)
 
