@@ -125,11 +125,10 @@ def test_channel_stats(backend, dtype, layout, case):
 
 
 # (B, radix, cardinality, groups, C, inter, H, W, bn0 batch stats, bn1 batch stats, relu, biases):
-# ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate with one channel per group (fc
-# outputs whose strides are not row-major), SK's (k, r, j) channel order with
-# H*W tails and no activation (the original SKConv), more channels than one tile without biases,
-# softmax with one channel per group (the fc backward's dgap not row-major), more batch rows than
-# one tile of the backward's reduction over the batch.
+# ResNeSt in training, eval-mode BNs on 1x1 maps, the sigmoid gate with one channel per group, SK's
+# (k, r, j) channel order with H*W tails and no activation (the original SKConv), more channels
+# than one tile without biases, softmax with one channel per group, more batch rows than one tile
+# of the backward's reduction over the batch.
 SPLIT_CASES = [
     pytest.param((3, 2, 1, 1, 6, 4, 5, 3, True, True, True, True), id="resnest"),
     pytest.param((2, 2, 2, 1, 8, 4, 1, 1, False, False, True, True), id="card2-eval"),
@@ -322,6 +321,29 @@ def test_opcheck(backend):
     ops are first-order only, so they get inputs that do not require grad)."""
     for op, args in opcheck_cases(backend):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_split_attention_passes_take_any_strides(backend):
+    """The backward passes' (B, n) and (n,) inputs as column-major or strided views: same results
+    as from row-major copies."""
+    B, R, K, C, H, W = 3, 2, 2, 4, 3, 3
+    y, dout = rand(B, R * C, H, W), rand(B, C, H, W)
+    scale, shift = bn_vectors(R * C, torch.float64)
+    strided = lambda *shape: rand(*shape[::-1]).t() if len(shape) == 2 else rand(2 * shape[0])[::2]  # noqa: E731
+    attn, dgap, sum_my, sum_m = strided(B, R * C), strided(B, C), strided(B, R * C), strided(B, R * C)
+    dscale, dshift, mean, dvar = strided(R * C), strided(R * C), strided(R * C), strided(R * C)
+    rstd = strided(R * C).abs() + 0.5
+    splat = torch.ops.splat
+    for op, args in (
+        (splat.split_attention_backward_sums, (dout, y, scale, shift, attn, R, K, backend)),
+        (splat.split_attention_backward_dy, (dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m,
+                                             mean, rstd, None, dvar, R, K, backend)),
+    ):
+        got = op(*args)
+        expected = op(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+        for i, (g, e) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=f"{op} output {i}")
 
 
 @pytest.mark.parametrize("backend", backend_params())

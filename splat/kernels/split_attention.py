@@ -115,7 +115,7 @@ def split_attention_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshif
     C = RC // radix
     cg = C // groups
     batch_stats = mean.numel() > 0
-    # The kernels index the vectors row-major; the MLP's einsums can hand over other strides.
+    # The kernels index the vectors row-major; callers of the public op may hand over other strides.
     scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean, rstd = (
         t.contiguous() for t in (scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean, rstd)
     )
