@@ -903,6 +903,34 @@ def plot(records, path, title):
     return path
 
 
+def print_report(bench, cuda):
+    """The tables of write_markdown, as text on stdout."""
+    for title, h, r in ops_tables(bench.ops):
+        print(f"\nOps, {title}; copy = {bench.copy_gbs:.0f} GB/s")
+        print(fmt_table(h, r))
+    h, r = host_table(bench.records)
+    if r:
+        print("\nHost time to issue one step (ms; host/device > 1: launch-bound when run back to back)")
+        print(fmt_table(h, r))
+    if bench.tail:
+        h, r = tail_table(bench.tail)
+        print("\nTail = block - its convolutions (ms; % of copy bandwidth at the tail's minimum bytes: forward "
+              "reads y and writes out once, backward reads dout and y and writes dy once)")
+        print(fmt_table(h, r))
+    h, r = block_table(bench.records)
+    print("\nBlocks: median ms (speedup over eager)")
+    print(fmt_table(h, r))
+    if bench.skipped:
+        print("\nSkipped:")
+        for s in bench.skipped:
+            print(f"  {s['what']}: {s['reason']}")
+    h, r = geomean_table(bench.records)
+    print("\nGeometric-mean speedup over eager, across stages")
+    print(fmt_table(h, r) if r else "  (nothing timed)")
+    if not cuda:
+        print(f"\nNOTE: {CPU_NOTE}")
+
+
 def write_markdown(path, meta, bench):
     lines = [f"# Block benchmark: {meta['device']}", "",
              f"- device: {meta['device']}", f"- torch: {meta['torch']}", f"- triton: {meta['triton']}",
@@ -1039,31 +1067,7 @@ def main(argv=None):
         bench.skip("the rest", "interrupted (SIGINT)")
     bench.compute_tail()
 
-    # ---- print ----
-    for title, h, r in ops_tables(bench.ops):
-        print(f"\nOps, {title}; copy = {bench.copy_gbs:.0f} GB/s")
-        print(fmt_table(h, r))
-    h, r = host_table(bench.records)
-    if r:
-        lines += ["## Host time to issue one step (ms; host/device > 1: launch-bound when run back to back)",
-                  "", md_table(h, r), ""]
-    if bench.tail:
-        h, r = tail_table(bench.tail)
-        print("\nTail = block - its convolutions (ms; % of copy bandwidth at the tail's minimum bytes: forward "
-              "reads y and writes out once, backward reads dout and y and writes dy once)")
-        print(fmt_table(h, r))
-    h, r = block_table(bench.records)
-    print("\nBlocks: median ms (speedup over eager)")
-    print(fmt_table(h, r))
-    if bench.skipped:
-        print("\nSkipped:")
-        for s in bench.skipped:
-            print(f"  {s['what']}: {s['reason']}")
-    h, r = geomean_table(bench.records)
-    print("\nGeometric-mean speedup over eager, across stages")
-    print(fmt_table(h, r) if r else "  (nothing timed)")
-    if not cuda:
-        print(f"\nNOTE: {CPU_NOTE}")
+    print_report(bench, cuda)
 
     # ---- write ----
     out_dir = args.out

@@ -1,0 +1,67 @@
+"""benchmarks/bench_blocks.py without a GPU: the README's main command, the op cases the GPU run
+times (called here on the torch backend, which takes the kernels' arguments), and the report
+with the fields only a GPU run records."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_blocks  # noqa: E402
+
+
+def cpu_bench(argv=()):
+    args = bench_blocks.parse_args(["--quick", "--batch", "2", *argv])
+    device = torch.device("cpu")
+    return bench_blocks.Bench(args, device, bench_blocks.Timer(device, 1.0, 1.0), bench_blocks.Budget(None))
+
+
+def test_quick_run(tmp_path):
+    """Every family's fused torch backend agrees with eager (else it is reported NOT TIMED) and
+    the results are written."""
+    assert bench_blocks.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "blocks-cpu.json").read_text())
+    assert not [s for s in doc["skipped"] if "NOT TIMED" in s["reason"]], doc["skipped"]
+    impls = {(r["block"], r["impl"]) for r in doc["records"]}
+    for block in ("splat", "res2net", "sk"):
+        assert {(block, "eager"), (block, f"{block}-torch"), (block, "conv")} <= impls
+    assert (tmp_path / "blocks-cpu.md").read_text().startswith("# Block benchmark")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_op_cases_run(dtype, layout):
+    bench = cpu_bench()
+    cfg = next(c for c in bench_blocks.FAMILIES["splat"].configs if c.quick)
+    cases = bench.op_cases(cfg, dtype, layout, "torch")
+    assert {(op, direction) for op, direction, *_ in cases} >= {
+        ("split_attention", "fwd+bwd"), ("split_attention", "bwd-sums"), ("split_attention", "bwd-dy")}
+    for op, direction, _, fn, inputs, *_ in cases:
+        outs = fn(*inputs)
+        for out in outs if isinstance(outs, (tuple, list)) else (outs,):
+            assert torch.isfinite(out).all(), (op, direction)
+
+
+def test_report_with_gpu_fields(tmp_path, capsys):
+    """host_ms, compile and op records (a GPU run's) reach the printed and the markdown report."""
+    bench = cpu_bench()
+    bench.copy_gbs = 3000.0
+    for impl, ms, host in (("eager", 2.0, 1.0), ("compile", 1.5, 0.2), ("splat-triton", 1.0, 1.6), ("conv", 0.5, 0.1)):
+        bench.record(bench_blocks.FAMILIES["splat"], bench_blocks.FAMILIES["splat"].configs[0], "bfloat16",
+                     "channels_last", "fwd+bwd", impl, ms, host_ms=host)
+    bench.ops.append({"op": "split_attention", "pass": "fwd+bwd", "config": "resnest50d.s1", "dtype": "bfloat16",
+                      "layout": "channels_last", "shape_class": "bfloat16/channels_last/hw>1024",
+                      "backend": "triton", "us": 80.0, "min_bytes": 3.4e8, "gbs": 2500.0, "pct_copy": 83.3,
+                      "graph": True})
+    bench_blocks.print_report(bench, cuda=True)
+    printed = capsys.readouterr().out
+    meta = {"device": "test GPU", "torch": torch.__version__, "triton": "-", "date": "-", "gpu_timed": True}
+    bench_blocks.write_markdown(tmp_path / "report.md", meta, bench)
+    markdown = (tmp_path / "report.md").read_text()
+    for text in (printed, markdown):
+        assert "Host time to issue one step" in text
+        assert "1.600 (1.60)" in text  # splat-triton: host 1.6 ms over device 1.0 ms
+        assert "2.00x" in text  # splat-triton's speedup over eager
