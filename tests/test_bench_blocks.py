@@ -19,6 +19,7 @@ def cpu_bench(argv=()):
     return bench_blocks.Bench(args, device, bench_blocks.Timer(device, 1.0, 1.0), bench_blocks.Budget(None))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, benchmarks/gpu_check.sh runs the full benchmark")
 def test_quick_run(tmp_path):
     """Every family's fused torch backend agrees with eager (else it is reported NOT TIMED) and
     the results are written."""
