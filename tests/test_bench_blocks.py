@@ -1,8 +1,10 @@
-"""benchmarks/bench_blocks.py without a GPU: the README's main command, the op cases the GPU run
-times (called here on the torch backend, which takes the kernels' arguments), and the report
-with the fields only a GPU run records."""
+"""The benchmark scripts without a GPU. bench_blocks.py: the README's main command, the op cases the
+GPU run times (called here on the torch backend, which takes the kernels' arguments), and the
+report with the fields only a GPU run records. bench_host.py: runs every block with its kernels
+faked."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +68,14 @@ def test_report_with_gpu_fields(tmp_path, capsys):
         assert "Host time to issue one step" in text
         assert "1.600 (1.60)" in text  # splat-triton: host 1.6 ms over device 1.0 ms
         assert "2.00x" in text  # splat-triton's speedup over eager
+
+
+def test_bench_host_runs(tmp_path):
+    """In a process of its own: it replaces splat's kernel calls by their fakes."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_host.py"
+    out = tmp_path / "host.json"
+    subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "1", "--json", str(out)], check=True,
+                   capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["block"] for r in rows] == ["splat", "splat-r4g2", "sk", "timm-sk", "res2net"]
+    assert all(v > 0 for r in rows for k, v in r.items() if k.endswith("_us"))
