@@ -35,7 +35,7 @@ def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
     """bn's (weight, bias) in the accumulation dtype of ``like``: ones and zeros without affine."""
     acc = _layout.acc_dtype(like.dtype)
     if bn.affine:
-        return bn.weight.to(acc), bn.bias.to(acc)
+        return _layout.cast(bn.weight, acc), _layout.cast(bn.bias, acc)
     ones = torch.ones(bn.num_features, dtype=acc, device=like.device)
     return ones, torch.zeros_like(ones)
 
@@ -44,7 +44,7 @@ def _fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, like: Tensor) -> tuple[
     """(scale, shift) with bn(y) == y * scale + shift, normalising with (mean, var)."""
     weight, bias = _affine(bn, like)
     scale = torch.rsqrt(var + bn.eps) * weight
-    return scale, bias - mean * scale
+    return scale, torch.addcmul(bias, mean, scale, value=-1)
 
 
 def batch_norm_scale_shift(
@@ -80,7 +80,7 @@ def batch_norm_scale_shift(
         if _uses_batch_stats(bn):
             mean, var = batch_mean[channels], batch_var[channels]
         else:
-            mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+            mean, var = _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc)
         scale, shift = _fold(bn, mean, var, y)
         scales.append(scale)
         shifts.append(shift)
@@ -113,7 +113,7 @@ def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | 
         if batch_stats:
             weight, bias = _affine(bn, like)
         else:
-            weight, bias = _fold(bn, bn.running_mean.to(acc), bn.running_var.to(acc), like)
+            weight, bias = _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
         weights.append(weight)
         biases.append(bias)
     weight, bias = (weights[0], biases[0]) if len(bns) == 1 else (torch.cat(weights), torch.cat(biases))
