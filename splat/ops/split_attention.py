@@ -59,7 +59,7 @@ def _regroup(t: Tensor, radix: int, src: int, dst: int) -> Tensor:
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
     """x (B, G*i) -> (B, O) through weight (O, i) in G = ``groups`` diagonal blocks; row-major.
-    One (b)addmm or (b)addbmm: einsum costs the host about twice as much."""
+    One addmm (ungrouped) or one bmm/baddbmm: einsum costs the host about twice as much."""
     if groups == 1:
         return F.linear(x, weight, bias)
     B, O = x.shape[0], weight.shape[0]
