@@ -14,7 +14,8 @@ backward, including the ResNeSt-50 and Res2Net-50 stage shapes the benchmark tim
 
 Usage: ``python tests/triton_aot.py ARCH [DTYPE ...]`` without TRITON_INTERPRET: ARCH 80 or 90,
 the DTYPEs (``bfloat16``, ``float32``, ...) for which the benchmark shapes compile as well. Prints
-one JSON object: per kernel, the variants compiled and the most shared memory one of them needs.
+one JSON object: per kernel, the variants compiled, the most shared memory one of them needs and
+its floating-point scalar arguments.
 """
 
 import json
@@ -29,6 +30,10 @@ from triton.runtime.jit import JITFunction
 from splat import backend as _backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Scalar argument types of a compiled kernel that a Python float becomes: Triton passes every one
+# as float32, so a reciprocal count or an eps given that way costs float64 data its precision.
+FLOAT_SCALARS = ("fp16", "bf16", "fp32", "fp64")
+float_args: dict[str, set[str]] = {}
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
 
@@ -49,7 +54,8 @@ class _CompileOnlyDriver:
 
 
 def _install(arch: int) -> dict:
-    """Route every launch to a compile for ``arch``; returns {kernel name: {variant: shared bytes}}."""
+    """Route every launch to a compile for ``arch``; returns {kernel name: {variant: shared bytes}}
+    (and fills ``float_args``)."""
     driver.set_active(_CompileOnlyDriver(arch))
     compiled: dict[str, dict[int, int]] = {}
     compile_and_launch = JITFunction.run
@@ -58,6 +64,9 @@ def _install(arch: int) -> dict:
         kernel = compile_and_launch(self, *args, grid=grid, warmup=True, **kwargs)
         assert kernel.asm["cubin"], f"{self.fn.__name__}: empty cubin"
         compiled.setdefault(self.fn.__name__, {})[id(kernel)] = kernel.metadata.shared
+        float_args.setdefault(self.fn.__name__, set()).update(
+            name for name, ty in kernel.src.signature.items() if ty in FLOAT_SCALARS
+        )
         return kernel
 
     JITFunction.run = compile_only
@@ -156,7 +165,10 @@ def main(arch: int, benchmark_dtypes: tuple) -> int:
             _blocks(dtype, layout)
             if dtype in benchmark_dtypes:
                 _benchmark_shapes(dtype, layout)
-    summary = {name: {"variants": len(k), "max_shared": max(k.values())} for name, k in sorted(compiled.items())}
+    summary = {
+        name: {"variants": len(k), "max_shared": max(k.values()), "float_args": sorted(float_args[name])}
+        for name, k in sorted(compiled.items())
+    }
     print(json.dumps(summary))
     return 0
 

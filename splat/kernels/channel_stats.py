@@ -4,6 +4,9 @@ Each program computes the mean and sum of squared deviations of its (b, channel-
 two passes (the second from cache), never E[y^2] - E[y]^2, which cancels catastrophically when
 |mean| >> std. The B partials per channel are combined with Chan's formula in a fixed order.
 Backward: dy = (dmean + 2 * dvar * (y - mean)) / N, N = B*H*W.
+
+The kernels divide by the integer counts rather than take reciprocals as arguments: Triton passes a
+Python float as float32, which would cost float64 data its precision (1/15 is off by 1e-9).
 """
 
 import triton
@@ -15,7 +18,7 @@ from splat.kernels._tiles import strides, tile_offsets, tile_shape
 
 @triton.jit
 def _channel_stats_forward_kernel(
-    y_ptr, mean_ptr, m2_ptr, C, HW, stride_yb, stride_yc, stride_yhw, inv_hw,
+    y_ptr, mean_ptr, m2_ptr, C, HW, stride_yb, stride_yc, stride_yhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -28,7 +31,7 @@ def _channel_stats_forward_kernel(
         mask = c_mask[:, None] & (hw0 + hw < HW)[None, :]
         offs = tile_offsets(b, c, hw0 + hw, stride_yb, stride_yc, stride_yhw)
         acc += tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
-    mean = tl.sum(acc, axis=1) * inv_hw
+    mean = tl.sum(acc, axis=1) / HW
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
     for hw0 in range(0, HW, BLOCK_HW):
         mask = c_mask[:, None] & (hw0 + hw < HW)[None, :]
@@ -41,7 +44,7 @@ def _channel_stats_forward_kernel(
 
 @triton.jit
 def _channel_stats_backward_kernel(
-    dmean_ptr, dvar_ptr, y_ptr, mean_ptr, dy_ptr, C, HW, stride_yb, stride_yc, stride_yhw, inv_n,
+    dmean_ptr, dvar_ptr, y_ptr, mean_ptr, dy_ptr, C, HW, N, stride_yb, stride_yc, stride_yhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -49,12 +52,12 @@ def _channel_stats_backward_kernel(
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
-    dmean = tl.load(dmean_ptr + c, mask=c_mask)
-    dvar = tl.load(dvar_ptr + c, mask=c_mask)
+    dmean = tl.load(dmean_ptr + c, mask=c_mask) / N
+    dvar = tl.load(dvar_ptr + c, mask=c_mask) / N
     mean = tl.load(mean_ptr + c, mask=c_mask)
     offs = tile_offsets(b, c, hw, stride_yb, stride_yc, stride_yhw)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
-    dy = (dmean[:, None] + 2.0 * dvar[:, None] * (v - mean[:, None])) * inv_n
+    dy = dmean[:, None] + 2.0 * dvar[:, None] * (v - mean[:, None])
     tl.store(dy_ptr + offs, dy, mask=mask)
 
 
@@ -67,7 +70,7 @@ def channel_stats_forward(y):
     if B > 0:
         block_c, block_hw = tile_shape(y, C, reduce_hw=True)
         _channel_stats_forward_kernel[(B, triton.cdiv(C, block_c))](
-            y, partial_mean, partial_m2, C, H * W, *strides(y), 1.0 / (H * W),
+            y, partial_mean, partial_m2, C, H * W, *strides(y),
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     mean = partial_mean.mean(0)
@@ -83,7 +86,7 @@ def channel_stats_backward(dmean, dvar, y, mean):
         block_c, block_hw = tile_shape(y, C, reduce_hw=False)
         grid = (B, triton.cdiv(C, block_c), triton.cdiv(H * W, block_hw))
         _channel_stats_backward_kernel[grid](
-            dmean, dvar, y, mean, dy, C, H * W, *strides(y), 1.0 / (B * H * W),
+            dmean, dvar, y, mean, dy, C, H * W, B * H * W, *strides(y),
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return dy

@@ -16,7 +16,7 @@ from splat.kernels._tiles import bn_relu, strides, tile_offsets, tile_shape
 @triton.jit
 def _radix_pool_forward_kernel(
     y_ptr, scale_ptr, shift_ptr, gap_ptr,
-    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, inv_hw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -36,14 +36,14 @@ def _radix_pool_forward_kernel(
             v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
             act, _ = bn_relu(v, scale, shift)
             acc += tl.where(mask, act, 0.0)
-    gap = tl.sum(acc, axis=1) * inv_hw
+    gap = tl.sum(acc, axis=1) / HW  # not a float argument: Triton would pass it as float32
     tl.store(gap_ptr + b * C + c, gap, mask=c_mask)
 
 
 @triton.jit
 def _radix_pool_backward_kernel(
     dgap_ptr, y_ptr, scale_ptr, shift_ptr, dy_ptr, dscale_ptr, dshift_ptr,
-    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, inv_hw,
+    C, HW, R, CG, stride_yb, stride_yc, stride_yhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -53,7 +53,7 @@ def _radix_pool_backward_kernel(
     c0 = k * (R * CG) + (c - k * CG)
     hw = tl.arange(0, BLOCK_HW)
     acc_dtype = scale_ptr.dtype.element_ty
-    g = tl.load(dgap_ptr + b * C + c, mask=c_mask, other=0.0).to(acc_dtype) * inv_hw
+    g = tl.load(dgap_ptr + b * C + c, mask=c_mask, other=0.0).to(acc_dtype) / HW
     for r in range(R):
         ch = c0 + r * CG
         scale = tl.load(scale_ptr + ch, mask=c_mask)
@@ -85,7 +85,7 @@ def radix_pool_forward(y, scale, shift, radix, groups):
         return gap
     block_c, block_hw = tile_shape(y, C, reduce_hw=True)
     _radix_pool_forward_kernel[(B, triton.cdiv(C, block_c))](
-        y, scale, shift, gap, C, H * W, radix, C // groups, *strides(y), 1.0 / (H * W),
+        y, scale, shift, gap, C, H * W, radix, C // groups, *strides(y),
         BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return gap
@@ -102,7 +102,7 @@ def radix_pool_backward(dgap, y, scale, shift, radix, groups):
         block_c, block_hw = tile_shape(y, C, reduce_hw=True)
         _radix_pool_backward_kernel[(B, triton.cdiv(C, block_c))](
             dgap, y, scale, shift, dy, partial_scale, partial_shift,
-            C, H * W, radix, C // groups, *strides(y), 1.0 / (H * W),
+            C, H * W, radix, C // groups, *strides(y),
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return dy, partial_scale.sum(0), partial_shift.sum(0)
