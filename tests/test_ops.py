@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splat import ops
-from tests.helpers import DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
 
 # (B, radix, cardinality, C, H, W): odd channels, 1x1 maps, radix 1, H*W beyond one tile
 # (tails in both layouts), more channels than one NHWC tile.
@@ -218,6 +218,23 @@ def test_split_attention(backend, dtype, layout, case):
     fn = split_attention_fn(case, names, backend)
     out, *_ = check_op(lambda *t: nonempty(fn(*t)), expected, list(inputs.values()), dtype, "split_attention")
     assert out.is_contiguous(memory_format=layout), "the output must keep the input's memory format"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
+@pytest.mark.parametrize("wanted", [1, 1 << 20], ids=["program-per-row", "program-per-tile"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
+    """Triton's reductions over H*W, whether each (b, channel block) row is one program or H*W is
+    split into one program per tile (``hw_splits``; the device decides which), on maps of several
+    tiles and a tail in both layouts."""
+    from splat.kernels import _tiles
+
+    monkeypatch.setattr(_tiles, "programs_wanted", lambda device: wanted)
+    case = (2, 2, 1, 6, 57, 55)  # NCHW: 4 tiles of 1024 pixels, the last one partial
+    test_radix_pool("triton", torch.float64, layout, case)
+    test_attention_sum("triton", torch.float64, layout, case)
+    test_channel_stats("triton", torch.float64, layout, case)
+    test_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
 
 
 @pytest.mark.parametrize("backend", backend_params())

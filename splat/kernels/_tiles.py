@@ -6,6 +6,9 @@ NHWC (``stride_c == 1``): Triton specialises unit strides at compile time and ve
 whichever axis is contiguous. Only the tile shape differs per layout.
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -28,6 +31,32 @@ def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
         block_c = min(triton.next_power_of_2(channels), 128)
         block_hw = min(triton.next_power_of_2(hw), max(1, _TILE_ELEMS // block_c))
     return block_c, block_hw
+
+
+@functools.cache
+def programs_wanted(device: torch.device) -> int:
+    """Programs a grid needs to keep ``device``'s memory busy: 4 per SM (each of 4 warps, with one
+    tile of loads in flight). The interpreter runs programs one by one: 8 there, so that CPU tests
+    take both paths of ``hw_splits``."""
+    if device.type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def hw_splits(y, programs: int, block_hw: int) -> tuple[int, int]:
+    """(splits, chunk) for a reduction over H*W whose grid has ``programs`` programs per split.
+
+    A grid of B x channel blocks can leave most SMs idle (NHWC at 56x56: 64 programs on 132
+    SMs), so each row's H*W range is cut into ``splits`` chunks of ``chunk`` pixels, a multiple of
+    ``block_hw`` (no tile straddles two chunks), each reduced by its own program into a partial
+    that the launcher combines. It splits only where that at least doubles the grid, and keeps two
+    tiles or more per program: combining costs the launcher a small op, which the small maps, where
+    the host's time per launch dominates, should not pay.
+    """
+    tiles = max(1, triton.cdiv(y.shape[2] * y.shape[3], block_hw))
+    splits = max(1, min(programs_wanted(y.device) // max(programs, 1), tiles // 2))
+    per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per_split), per_split * block_hw
 
 
 def strides(t) -> tuple[int, int, int]:

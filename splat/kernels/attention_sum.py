@@ -3,7 +3,8 @@
 Forward:  out[b, c, hw] = sum_r attn[b, r*C + c] * relu(y[b, r*C + c, hw] * scale + shift),
 recomputing BN + ReLU from the conv output instead of storing the activated tensor.
 Backward: dy = dout * attn * [pre > 0] * scale; dattn[b, ch] = sum_hw dout * relu(pre);
-dscale and dshift through per-batch partials (no atomics, so runs are bitwise repeatable).
+dscale and dshift through per-(batch, H*W chunk) partials (no atomics, so runs are bitwise
+repeatable; ``hw_splits`` says when programs split H*W).
 With ``groups`` K > 1, y's and attn's channel (r, c = k*C/K + j) is k*R*C/K + r*C/K + j.
 """
 
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import bn_relu, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import bn_relu, hw_splits, strides, tile_offsets, tile_shape
 
 
 @triton.jit
@@ -46,13 +47,16 @@ def _attention_sum_forward_kernel(
 def _attention_sum_backward_kernel(
     dout_ptr, y_ptr, scale_ptr, shift_ptr, attn_ptr, dy_ptr, dscale_ptr, dshift_ptr, dattn_ptr,
     sum_my_ptr, sum_m_ptr,
-    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    C, HW, CHUNK, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, WRITE_DY: tl.constexpr, MASK_SUMS: tl.constexpr,
 ):
     # WRITE_DY=False, MASK_SUMS=True is the first backward pass of splat::split_attention: no dy,
     # and per (b, channel) sums of m*y and m (m = [pre > 0]) instead.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
     c_mask = c < C
     k = c // CG
     c0 = k * (R * CG) + (c - k * CG)
@@ -69,7 +73,7 @@ def _attention_sum_backward_kernel(
         acc_attn = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
         acc_my = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
         acc_m = tl.zeros([BLOCK_C, BLOCK_HW], dtype=acc_dtype)
-        for hw0 in range(0, HW, BLOCK_HW):
+        for hw0 in range(start, end, BLOCK_HW):
             mask = c_mask[:, None] & (hw0 + hw < HW)[None, :]
             offs = tile_offsets(b, ch, hw0 + hw, stride_yb, stride_yc, stride_yhw)
             out_offs = tile_offsets(b, c, hw0 + hw, stride_ob, stride_oc, stride_ohw)
@@ -85,7 +89,7 @@ def _attention_sum_backward_kernel(
             acc_scale += gm * v
             acc_shift += gm
             acc_attn += d * act
-        row = b * C * R + ch
+        row = (b * tl.num_programs(2) + split) * C * R + ch
         tl.store(dscale_ptr + row, tl.sum(acc_scale, axis=1), mask=c_mask)
         tl.store(dshift_ptr + row, tl.sum(acc_shift, axis=1), mask=c_mask)
         tl.store(dattn_ptr + row, tl.sum(acc_attn, axis=1), mask=c_mask)
@@ -114,23 +118,33 @@ def attention_sum_forward(y, scale, shift, attn, radix, groups):
     return out
 
 
-def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_sums=None):
-    """Launch the backward kernel: per (b, channel) partials of dscale, dshift and dattn; writes dy
-    when given, and the sums of m*y and m into ``mask_sums`` ((B, R*C) pair) when given."""
+def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_sums=False):
+    """Launch the backward kernel -> (dscale, dshift) (R*C,) and dattn (B, R*C) in attn's dtype,
+    then with ``mask_sums`` the sums of m*y and m (B, R*C) in scale's dtype; writes dy when given."""
     B, RC, H, W = y.shape
     C = RC // radix
-    partial_scale = _layout.empty((B, RC), scale)
-    partial_shift = _layout.empty((B, RC), scale)
-    dattn = _layout.empty((B, RC), attn)
-    sum_my, sum_m = mask_sums if mask_sums is not None else (partial_scale, partial_shift)
+    block_c, block_hw = tile_shape(y, C, reduce_hw=True)
+    splits, chunk = hw_splits(y, B * triton.cdiv(C, block_c), block_hw)
+    partial_scale = _layout.empty((B * splits, RC), scale)
+    partial_shift = _layout.empty((B * splits, RC), scale)
+
+    def rows(dtype):
+        """A (B, R*C) result, or its per-split partials in scale's dtype, added up below."""
+        return _layout.empty((B, RC), scale, dtype) if splits == 1 else _layout.empty((B * splits, RC), scale)
+
+    dattn = rows(attn.dtype)
+    sums = (rows(scale.dtype), rows(scale.dtype)) if mask_sums else (partial_scale, partial_shift)
     if B > 0:
-        block_c, block_hw = tile_shape(y, C, reduce_hw=True)
-        _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c))](
+        _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c), splits)](
             dout, y, scale, shift, attn, y if dy is None else dy, partial_scale, partial_shift, dattn,
-            sum_my, sum_m, C, H * W, radix, C // groups, *strides(y), *strides(dout),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums is not None,
+            *sums, C, H * W, chunk, radix, C // groups, *strides(y), *strides(dout),
+            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums,
         )
-    return partial_scale.sum(0), partial_shift.sum(0), dattn
+    per_row = (dattn, *sums) if mask_sums else (dattn,)
+    if splits > 1:
+        per_row = tuple(t.view(B, splits, RC).sum(1) for t in per_row)
+    dattn, *sums = per_row
+    return partial_scale.sum(0), partial_shift.sum(0), _layout.cast(dattn, attn.dtype), *sums
 
 
 def attention_sum_backward(dout, y, scale, shift, attn, radix, groups):

@@ -99,11 +99,8 @@ def _split_attention_backward_dy_kernel(
 
 def split_attention_backward_sums(dout, y, scale, shift, attn, radix, groups):
     """dout (B, C, H, W) in y's layout -> dscale, dshift (R*C,); dattn, sum m*y, sum m (B, R*C)."""
-    B, RC = y.shape[:2]
-    sums = (_layout.empty((B, RC), scale), _layout.empty((B, RC), scale))
     scale, shift, attn = scale.contiguous(), shift.contiguous(), attn.contiguous()
-    dscale, dshift, dattn = backward_reduce(dout, y, scale, shift, attn, radix, groups, mask_sums=sums)
-    return dscale, dshift, dattn, *sums
+    return backward_reduce(dout, y, scale, shift, attn, radix, groups, mask_sums=True)
 
 
 def split_attention_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, mean, rstd, dmean,
