@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from splat import _layout
+from splat.modules._memo import memo
 from splat.ops import channel_stats
 
 
@@ -18,26 +19,56 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or not bn.track_running_stats
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
-    """What nn.BatchNorm2d does in training: momentum (or the cumulative average when it is
-    None) and the unbiased variance for running_var."""
-    bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+def update_running_stats(updates: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int]]) -> None:
+    """What nn.BatchNorm2d does in training, for each (bn, batch mean, biased batch var, values per
+    channel n) of ``updates`` whose bn is training and tracks statistics: momentum (or the
+    cumulative average when it is None) and the unbiased variance for running_var.
+
+    A block updates several BNs a step. Where they share a momentum and their buffers have the
+    statistics' dtype, as usual, all of them update in three multi-tensor ops (as optimizers
+    update parameters): each op costs the host a launch in eager mode, and one BN alone took four.
+    """
+    updates = [u for u in updates if u[0].training and u[0].track_running_stats]
+    if not updates:
+        return
+    momentum = updates[0][0].momentum
     with torch.no_grad():
-        for buffer, batch in ((bn.running_mean, mean), (bn.running_var, var * (n / (n - 1)))):
-            if buffer.dtype == batch.dtype:
-                buffer.lerp_(batch, factor)
-            else:  # e.g. bfloat16 buffers: update in the statistics' float32, then round once
-                buffer.copy_(buffer.to(batch.dtype).lerp_(batch, factor))
+        torch._foreach_add_([bn.num_batches_tracked for bn, *_ in updates], 1)
+        if momentum is not None and all(
+            bn.momentum == momentum and bn.running_mean.dtype == bn.running_var.dtype == mean.dtype
+            for bn, mean, _, _ in updates
+        ):
+            unbiased = torch._foreach_mul([var for _, _, var, _ in updates], [n / (n - 1) for *_, n in updates])
+            buffers = [b for bn, *_ in updates for b in (bn.running_mean, bn.running_var)]
+            batches = [t for (_, mean, _, _), var in zip(updates, unbiased) for t in (mean, var)]
+            torch._foreach_lerp_(buffers, batches, momentum)
+            return
+        for bn, mean, var, n in updates:
+            factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+            for buffer, batch in ((bn.running_mean, mean), (bn.running_var, var * (n / (n - 1)))):
+                if buffer.dtype == batch.dtype:
+                    buffer.lerp_(batch, factor)
+                else:  # e.g. bfloat16 buffers: update in the statistics' float32, then round once
+                    buffer.copy_(buffer.to(batch.dtype).lerp_(batch, factor))
+
+
+def _identity(channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Ones and zeros (channels,) in the accumulation dtype of ``like``, on its device."""
+    acc = _layout.acc_dtype(like.dtype)
+
+    def compute():
+        ones = torch.ones(channels, dtype=acc, device=like.device)
+        return ones, torch.zeros_like(ones)
+
+    return memo(_identity, f"{channels} {acc} {like.device}", (), compute)
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
     """bn's (weight, bias) in the accumulation dtype of ``like``: ones and zeros without affine."""
-    acc = _layout.acc_dtype(like.dtype)
     if bn.affine:
+        acc = _layout.acc_dtype(like.dtype)
         return _layout.cast(bn.weight, acc), _layout.cast(bn.bias, acc)
-    ones = torch.ones(bn.num_features, dtype=acc, device=like.device)
-    return ones, torch.zeros_like(ones)
+    return _identity(bn.num_features, like)
 
 
 def _fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +91,6 @@ def batch_norm_scale_shift(
     the concatenated BNs (one grouped conv that interleaves SK's branches); scale and shift are
     then returned in y's channel order.
     """
-    acc = _layout.acc_dtype(y.dtype)
     n = y.shape[0] * y.shape[2] * y.shape[3]
     batch_mean = batch_var = None
     if any(_uses_batch_stats(bn) for bn in bns):
@@ -72,16 +102,15 @@ def batch_norm_scale_shift(
         if order is not None:
             inverse = torch.argsort(order)
             batch_mean, batch_var = batch_mean[inverse], batch_var[inverse]
-        update_from_batch(bns, batch_mean.detach(), batch_var.detach(), n)
+        update_running_stats(batch_updates(bns, batch_mean.detach(), batch_var.detach(), n))
     scales, shifts, start = [], [], 0
     for bn in bns:
         channels = slice(start, start + bn.num_features)
         start += bn.num_features
         if _uses_batch_stats(bn):
-            mean, var = batch_mean[channels], batch_var[channels]
+            scale, shift = _fold(bn, batch_mean[channels], batch_var[channels], y)
         else:
-            mean, var = _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc)
-        scale, shift = _fold(bn, mean, var, y)
+            scale, shift = _running_fold(bn, y)
         scales.append(scale)
         shifts.append(shift)
     if start != y.shape[1]:
@@ -92,10 +121,20 @@ def batch_norm_scale_shift(
     return scale, shift
 
 
+def _running_fold(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``_fold`` with bn's running statistics: constant between updates of bn, so memoised."""
+    acc = _layout.acc_dtype(like.dtype)
+
+    def compute():
+        return _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
+
+    inputs = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, acc, like.device)
+    return memo(bn, "running_fold", inputs, compute)
+
+
 def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:
     """The (scale, shift) of no normalisation: ones and zeros in y's accumulation dtype."""
-    acc = _layout.acc_dtype(y.dtype)
-    return y.new_ones(y.shape[1], dtype=acc), y.new_zeros(y.shape[1], dtype=acc)
+    return _identity(y.shape[1], y)
 
 
 def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | None = None):
@@ -107,39 +146,36 @@ def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | 
     if len(modes) != 1 or len({bn.eps for bn in bns}) != 1:
         return None
     batch_stats = modes.pop()
-    acc = _layout.acc_dtype(like.dtype)
-    weights, biases = [], []
-    for bn in bns:
-        if batch_stats:
-            weight, bias = _affine(bn, like)
-        else:
-            weight, bias = _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
-        weights.append(weight)
-        biases.append(bias)
-    weight, bias = (weights[0], biases[0]) if len(bns) == 1 else (torch.cat(weights), torch.cat(biases))
-    if order is not None:
-        weight, bias = weight[order], bias[order]
+    pairs = [_affine(bn, like) if batch_stats else _running_fold(bn, like) for bn in bns]
+    if len(bns) == 1 and order is None:
+        weight, bias = pairs[0]
+    else:
+
+        def compute():
+            weight, bias = (torch.cat(vectors) for vectors in zip(*pairs))
+            return (weight, bias) if order is None else (weight[order], bias[order])
+
+        weight, bias = memo(bns[0], "split_attention_bn", (*(t for pair in pairs for t in pair), order), compute)
     return weight, bias, batch_stats, bns[0].eps
 
 
 def identity_bn(channels: int, like: Tensor) -> tuple:
     """The (weight, bias, batch_stats, eps) of no normalisation over ``channels`` channels."""
-    acc = _layout.acc_dtype(like.dtype)
-    ones = torch.ones(channels, dtype=acc, device=like.device)
-    return ones, torch.zeros_like(ones), False, 0.0
+    return *_identity(channels, like), False, 0.0
 
 
-def update_from_batch(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, n: int, order: Tensor | None = None):
-    """Running statistics of ``bns`` from the batch (mean, var) that ``splat::split_attention``
-    returned in y's channel order (``order`` as in ``split_attention_bn``)."""
+def batch_updates(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, n: int, order: Tensor | None = None) -> list:
+    """``update_running_stats``'s (bn, mean, var, n) for ``bns`` from the batch (mean, var) that
+    ``splat::split_attention`` returned in y's channel order (``order`` as in
+    ``split_attention_bn``); none when the statistics are empty."""
     if mean.numel() == 0:
-        return
+        return []
     if order is not None:
         inverse = torch.argsort(order)
         mean, var = mean[inverse], var[inverse]
-    start = 0
+    updates, start = [], 0
     for bn in bns:
         channels = slice(start, start + bn.num_features)
         start += bn.num_features
-        if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean[channels], var[channels], n)
+        updates.append((bn, mean, var, n) if len(bns) == 1 else (bn, mean[channels], var[channels], n))
+    return updates

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules.batchnorm import update_running_stats, check_batchnorm
+from splat.modules._memo import memo
+from splat.modules.batchnorm import batch_updates, check_batchnorm, update_running_stats
 from splat.modules.splat_conv import check_input
 from splat.ops.res2net_chain import output_size, res2net_chain
 
@@ -87,12 +88,18 @@ class FusedBottle2neck(nn.Module):
             raise ValueError("the branch BatchNorms must share eps and train/eval mode to be fused")
         for i, bn in enumerate(self.bns):
             check_batchnorm(bn, f"bns.{i}")
-        ones = [torch.ones(self.width, dtype=acc, device=self.conv1.weight.device)] * self.nums
-        gamma = torch.cat([ones[0] if bn.weight is None else bn.weight.to(acc) for bn in self.bns])
-        beta = torch.cat([ones[0] * 0 if bn.bias is None else bn.bias.to(acc) for bn in self.bns])
-        use_running = [bn.running_mean is not None for bn in self.bns]
-        mean = torch.cat([bn.running_mean.to(acc) if r else o * 0 for bn, r, o in zip(self.bns, use_running, ones)])
-        var = torch.cat([bn.running_var.to(acc) if r else o for bn, r, o in zip(self.bns, use_running, ones)])
+        device, width = self.conv1.weight.device, self.width
+
+        def cat(name: str, fill: float) -> Tensor:
+            """The BNs' ``name`` vectors concatenated in ``acc`` (``fill`` for a BN without one);
+            memoised, so the running statistics are not concatenated again every training step."""
+            tensors = [getattr(bn, name) for bn in self.bns]
+            return memo(self, f"bns {name}", (*tensors, acc, device), lambda: torch.cat([
+                torch.full((width,), fill, dtype=acc, device=device) if t is None else _layout.cast(t, acc)
+                for t in tensors
+            ]))
+
+        gamma, beta, mean, var = cat("weight", 1.0), cat("bias", 0.0), cat("running_mean", 0.0), cat("running_var", 1.0)
         return gamma, beta, mean, var, eps.pop(), batch_stats.pop()
 
     def _unfused_chain(self, out: Tensor) -> Tensor:
@@ -115,7 +122,8 @@ class FusedBottle2neck(nn.Module):
         else:
             gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))
             # .to: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
-            weight = torch.cat([conv.weight for conv in self.convs]).to(out.dtype)
+            weights = [conv.weight for conv in self.convs]
+            weight = memo(self, "convs weight", (*weights, out.dtype), lambda: _layout.cast(torch.cat(weights), out.dtype))
             chain, mean, var = res2net_chain(
                 out, weight, gamma, beta, running_mean, running_var, eps,
                 self.scale, self.stype == "stage", self.stride, self.dilation, self.cardinality, batch_stats,
@@ -123,10 +131,7 @@ class FusedBottle2neck(nn.Module):
             )
             if self.training and batch_stats:
                 n = x.shape[0] * output_size(x.shape[2], self.stride) * output_size(x.shape[3], self.stride)
-                for i, bn in enumerate(self.bns):
-                    if bn.track_running_stats:
-                        ch = slice(i * self.width, (i + 1) * self.width)
-                        update_running_stats(bn, mean[ch].detach(), var[ch].detach(), n)
+                update_running_stats(batch_updates(self.bns, mean.detach(), var.detach(), n))
         out = self.bn3(self.conv3(chain))
         # In place, like the original: under autocast the sum keeps bn3's dtype.
         out += x if self.downsample is None else self.downsample(x)

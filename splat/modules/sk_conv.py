@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
+from splat.modules._memo import memo
 from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_bn, split_attention_bn
 from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
@@ -162,7 +163,8 @@ class _SelectiveKernelBase(nn.Module):
         convs = self._convs()
         check_input(x, convs[0].weight, self.in_channels)
         g = self._geometry()
-        weight, bias = self._combined_conv(g)
+        params = tuple(t for conv in convs for t in (conv.weight, conv.bias))
+        weight, bias = memo(self, "combined_conv", (*params, g), lambda: self._combined_conv(g))
         padding = ((g.extent[0] - 1) // 2, (g.extent[1] - 1) // 2)
         y = F.conv2d(x, weight, bias, g.stride, padding, 1, g.conv_groups)  # (B, M*C, H', W'): all branches
         B, _, H, W = y.shape
@@ -171,7 +173,9 @@ class _SelectiveKernelBase(nn.Module):
                 (0, g.channels, H, W), dtype=y.dtype, device=y.device, memory_format=_layout.memory_format(y)
             )
         M, K = g.branches, g.y_groups
-        order = _branch_order(M, g.channels, K, y.device) if K > 1 else None
+        order = None
+        if K > 1:
+            order = memo(self, "order", (M, g.channels, K, y.device), lambda: _branch_order(M, g.channels, K, y.device))
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
         bn0 = split_attention_bn(bns, y, order) if mlp is not None else None
         if bn0 is not None:
@@ -264,9 +268,10 @@ class FusedSKConv(_SelectiveKernelBase):
 
     def _stacked_fcs(self) -> tuple[Tensor, Tensor | None]:
         """The fcs as one (M*features, d) linear map, branch-major."""
-        weight = torch.cat([fc.weight for fc in self.fcs])
-        bias = torch.cat([fc.bias for fc in self.fcs]) if self.fcs[0].bias is not None else None
-        return weight, bias
+        weights, biases = [fc.weight for fc in self.fcs], [fc.bias for fc in self.fcs]
+        return memo(self, "stacked_fcs", (*weights, *biases), lambda: (
+            torch.cat(weights), torch.cat(biases) if biases[0] is not None else None
+        ))
 
     def _logits(self, gap: Tensor) -> Tensor:
         z = self.fc(gap)

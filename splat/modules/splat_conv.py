@@ -10,11 +10,12 @@ from torch.nn.modules.utils import _pair
 from splat import backend as _backend
 from splat.modules.batchnorm import (
     batch_norm_scale_shift,
+    batch_updates,
     check_batchnorm,
     identity_bn,
     identity_scale_shift,
     split_attention_bn,
-    update_from_batch,
+    update_running_stats,
 )
 from splat.ops import attention_sum, radix_pool, radix_softmax, split_attention
 
@@ -54,9 +55,10 @@ def fused_tail(
         fc2_bias=fc2_bias, radix=radix, cardinality=cardinality, groups=groups,
         out_dtype=torch.promote_types(y.dtype, attention_dtype(y, fc2_weight, radix)), backend=backend,
     )
-    update_from_batch(bn0_modules, mean0, var0, y.shape[0] * y.shape[2] * y.shape[3], order)
+    updates = batch_updates(bn0_modules, mean0, var0, y.shape[0] * y.shape[2] * y.shape[3], order)
     if bn1_module is not None:
-        update_from_batch([bn1_module], mean1, var1, y.shape[0])
+        updates += batch_updates([bn1_module], mean1, var1, y.shape[0])
+    update_running_stats(updates)
     return out
 
 
