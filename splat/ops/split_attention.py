@@ -29,8 +29,10 @@ the tiny MLP lets the backward read y and dout twice and write dy once:
    dy = m*(scale*attn*dout + scale*dgap/(H*W)) + gamma + delta*y. It returns BN0's dweight and
    dbias too.
 The conv output y and (B, C)-sized vectors are all the backward keeps: besides out and the batch
-statistics, the raw op returns gap, the fc1 output and the softmax (sigmoid) probabilities, marked
-non-differentiable, for its backward; ``split_attention`` below returns the first five.
+statistics, the raw op returns gap, the fc1 output, the hidden activation, the softmax (sigmoid)
+probabilities and BN0's (scale, shift, rstd) with batch statistics (else empty), marked
+non-differentiable, for its backward, which then recomputes none of them; ``split_attention``
+below returns the first five.
 """
 
 import torch
@@ -85,36 +87,35 @@ class _Mlp:
 
     The BN1 and activation steps run as single ATen ops (batch_norm, threshold_backward, ...)
     rather than their formulas: each call costs the host several microseconds in eager mode.
-    ``saved`` = (z1, probs), the fc1 output and the softmax (sigmoid) of the forward: given, the
-    backward rebuilds the rest from them instead of running fc1, fc2 and the softmax again.
+    ``saved`` = (z1, h, probs, mean1, var1), the fc1 output, the hidden activation, the softmax
+    (sigmoid) probabilities and BN1's batch statistics (empty without) of the forward: given, the
+    backward takes them instead of computing them again.
     """
 
     def __init__(self, gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
-                 fc2_weight, fc2_bias, radix, cardinality, groups, acc, stats1=None, saved=None):
+                 fc2_weight, fc2_bias, radix, cardinality, groups, acc, saved=None):
         self.radix, self.cardinality, self.groups, self.relu = radix, cardinality, groups, relu
         self.gap = _layout.cast(gap, acc)
         self.fc1_weight, self.fc2_weight = _layout.cast(fc1_weight, acc), _layout.cast(fc2_weight, acc)
         self.bn1_weight, self.bn1_eps = _layout.cast(bn1_weight, acc), bn1_eps
-        bn1_bias = _layout.cast(bn1_bias, acc)
-        if saved is None:
-            self.z1 = _linear(self.gap, self.fc1_weight, _layout.cast(fc1_bias, acc), cardinality)
-        else:
-            self.z1, self.probs = saved
+        if saved is not None:
+            self.z1, self.h, self.probs, *stats1 = saved
+            self.stats1 = stats1 if bn1_batch_stats else None
+            return
         self.stats1 = None
+        self.z1 = _linear(self.gap, self.fc1_weight, _layout.cast(fc1_bias, acc), cardinality)
+        bn1_bias = _layout.cast(bn1_bias, acc)
         if bn1_batch_stats:
-            if stats1 is None:
-                var1, mean1 = torch.var_mean(self.z1, dim=0, correction=0)
-                stats1 = (mean1, var1)
-            self.stats1 = stats1
-            z2 = F.batch_norm(self.z1, *stats1, self.bn1_weight, bn1_bias, False, 0.0, bn1_eps)
+            var1, mean1 = torch.var_mean(self.z1, dim=0, correction=0)
+            self.stats1 = (mean1, var1)
+            z2 = F.batch_norm(self.z1, mean1, var1, self.bn1_weight, bn1_bias, False, 0.0, bn1_eps)
         else:
             z2 = torch.addcmul(bn1_bias, self.z1, self.bn1_weight)
         self.h = torch.relu(z2) if relu else z2
-        if saved is None:
-            logits = _linear(self.h, self.fc2_weight, _layout.cast(fc2_bias, acc), cardinality)
-            B, RC = logits.shape
-            x = logits.reshape(B, cardinality, radix, RC // (radix * cardinality))
-            self.probs = (torch.sigmoid(x) if radix == 1 else x.softmax(2)).reshape(B, RC)
+        logits = _linear(self.h, self.fc2_weight, _layout.cast(fc2_bias, acc), cardinality)
+        B, RC = logits.shape
+        x = logits.reshape(B, cardinality, radix, RC // (radix * cardinality))
+        self.probs = (torch.sigmoid(x) if radix == 1 else x.softmax(2)).reshape(B, RC)
 
     def attn(self) -> Tensor:
         """The weights (B, R*C) in y's channel order, row-major."""
@@ -212,13 +213,15 @@ def _split_attention_impl(
     fc1_weight: Tensor, fc1_bias: Tensor | None, bn1_weight: Tensor, bn1_bias: Tensor, bn1_batch_stats: bool,
     bn1_eps: float, relu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None, radix: int, cardinality: int,
     groups: int, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = _layout.acc_dtype(y.dtype)
-    # Outputs may not alias each other: a new empty tensor for each statistic not computed.
-    mean0, var0 = (y.new_empty(0, dtype=acc) for _ in range(2))
+    # Outputs may not alias each other or the inputs: a new empty tensor for each one not computed.
+    mean0, var0, scale0, shift0, rstd0 = (y.new_empty(0, dtype=acc) for _ in range(5))
     if bn0_batch_stats:
         mean0, var0 = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
-    scale, shift, _ = _bn0_affine(bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, mean0, var0, acc)
+    scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, mean0, var0, acc)
+    if bn0_batch_stats:
+        scale0, shift0, rstd0 = scale, shift, rstd
     gap = _backend.call(backend, "radix_pool_forward", _radix_pool_reference, y, scale, shift, radix, groups)
     with torch.autocast(y.device.type, enabled=False):
         mlp = _Mlp(gap, fc1_weight, fc1_bias, bn1_weight, bn1_bias, bn1_batch_stats, bn1_eps, relu,
@@ -228,7 +231,8 @@ def _split_attention_impl(
         y, scale, shift, _layout.cast(mlp.attn(), out_dtype), radix, groups,
     )
     mean1, var1 = mlp.stats1 if mlp.stats1 is not None else (y.new_empty(0, dtype=acc) for _ in range(2))
-    return _layout.cast(out, out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.probs
+    return (_layout.cast(out, out_dtype), mean0, var0, mean1, var1, gap, mlp.z1, mlp.h, mlp.probs, scale0, shift0,
+            rstd0)
 
 
 _split_attention = torch.library.custom_op("splat::split_attention", _split_attention_impl, mutates_args=())
@@ -246,7 +250,8 @@ def _fake(y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, fc1_weight, fc1_bia
         y.new_empty(n0, dtype=acc), y.new_empty(n0, dtype=acc),
         y.new_empty(n1, dtype=acc), y.new_empty(n1, dtype=acc),
         y.new_empty((B, RC // radix)), y.new_empty((B, fc1_weight.shape[0]), dtype=acc),
-        y.new_empty((B, RC), dtype=acc),
+        y.new_empty((B, fc1_weight.shape[0]), dtype=acc), y.new_empty((B, RC), dtype=acc),
+        *(y.new_empty(n0, dtype=acc) for _ in range(3)),
     )
 
 
@@ -295,12 +300,12 @@ _backward_dy.register_fake(lambda *args: fake_backward_dy(*args[:-1]))
 def _setup_context(ctx, inputs, output):
     (y, bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, fc1_weight, fc1_bias, bn1_weight, bn1_bias,
      bn1_batch_stats, bn1_eps, relu, fc2_weight, fc2_bias, radix, cardinality, groups, out_dtype, backend) = inputs
-    _, mean0, var0, mean1, var1, gap, z1, probs = output
-    # gap, z1 and probs are the forward's state for the backward, not results to differentiate.
-    ctx.mark_non_differentiable(gap, z1, probs)
+    _, mean0, var0, mean1, var1, *state = output
+    # The forward's state for the backward, not results to differentiate.
+    ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight,
-                          mean0, var0, mean1, var1, gap, z1, probs)
+    ctx.save_for_backward(y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight, mean0, var0, mean1,
+                          var1, *state)
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     ctx.bn0_batch_stats, ctx.bn1_batch_stats = bn0_batch_stats, bn1_batch_stats
     ctx.config = (bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend)
@@ -308,14 +313,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
-    (y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight, mean0, var0, mean1, var1, gap, z1,
-     probs) = ctx.saved_tensors
+    (y, bn0_weight, bn0_bias, fc1_weight, bn1_weight, bn1_bias, fc2_weight, mean0, var0, mean1, var1, gap, z1, h,
+     probs, scale, shift, rstd) = ctx.saved_tensors
     bn0_eps, bn1_eps, relu, radix, cardinality, groups, out_dtype, backend = ctx.config
     acc = _layout.acc_dtype(y.dtype)
     B, RC, H, W = y.shape
-    scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, ctx.bn0_batch_stats, bn0_eps, mean0, var0, acc)
-    mlp = _Mlp(gap, fc1_weight, None, bn1_weight, bn1_bias, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
-               radix, cardinality, groups, acc, (mean1, var1) if ctx.bn1_batch_stats else None, (z1, probs))
+    if not ctx.bn0_batch_stats:  # the affine map is (bn0_weight, bn0_bias) itself
+        scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, False, bn0_eps, mean0, var0, acc)
+    mlp = _Mlp(gap, fc1_weight, None, bn1_weight, None, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
+               radix, cardinality, groups, acc, (z1, h, probs, mean1, var1))
     attn = _layout.cast(_layout.cast(mlp.attn(), out_dtype), acc)
     if dout is None:
         dout = torch.zeros((B, RC // radix, H, W), dtype=out_dtype, device=y.device)
