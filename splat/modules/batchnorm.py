@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from splat import _layout
-from splat.modules._memo import memo
+from splat.modules._constants import constant
 from splat.ops import channel_stats
 
 
@@ -56,11 +56,11 @@ def _identity(channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """Ones and zeros (channels,) in the accumulation dtype of ``like``, on its device."""
     acc = _layout.acc_dtype(like.dtype)
 
-    def compute():
+    def make():
         ones = torch.ones(channels, dtype=acc, device=like.device)
         return ones, torch.zeros_like(ones)
 
-    return memo(_identity, f"{channels} {acc} {like.device}", (), compute)
+    return constant(("identity", channels, acc, like.device), make)
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,14 +122,9 @@ def batch_norm_scale_shift(
 
 
 def _running_fold(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``_fold`` with bn's running statistics: constant between updates of bn, so memoised."""
+    """``_fold`` with bn's running statistics (eval mode)."""
     acc = _layout.acc_dtype(like.dtype)
-
-    def compute():
-        return _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
-
-    inputs = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, acc, like.device)
-    return memo(bn, "running_fold", inputs, compute)
+    return _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
 
 
 def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,15 +142,9 @@ def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | 
         return None
     batch_stats = modes.pop()
     pairs = [_affine(bn, like) if batch_stats else _running_fold(bn, like) for bn in bns]
-    if len(bns) == 1 and order is None:
-        weight, bias = pairs[0]
-    else:
-
-        def compute():
-            weight, bias = (torch.cat(vectors) for vectors in zip(*pairs))
-            return (weight, bias) if order is None else (weight[order], bias[order])
-
-        weight, bias = memo(bns[0], "split_attention_bn", (*(t for pair in pairs for t in pair), order), compute)
+    weight, bias = pairs[0] if len(bns) == 1 else (torch.cat(vectors) for vectors in zip(*pairs))
+    if order is not None:
+        weight, bias = weight[order], bias[order]
     return weight, bias, batch_stats, bns[0].eps
 
 

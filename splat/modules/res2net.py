@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules._memo import memo
 from splat.modules.batchnorm import batch_updates, check_batchnorm, update_running_stats
 from splat.modules.splat_conv import check_input
 from splat.ops.res2net_chain import output_size, res2net_chain
@@ -91,13 +90,11 @@ class FusedBottle2neck(nn.Module):
         device, width = self.conv1.weight.device, self.width
 
         def cat(name: str, fill: float) -> Tensor:
-            """The BNs' ``name`` vectors concatenated in ``acc`` (``fill`` for a BN without one);
-            memoised, so the running statistics are not concatenated again every training step."""
-            tensors = [getattr(bn, name) for bn in self.bns]
-            return memo(self, f"bns {name}", (*tensors, acc, device), lambda: torch.cat([
+            """The BNs' ``name`` vectors concatenated in ``acc`` (``fill`` for a BN without one)."""
+            return torch.cat([
                 torch.full((width,), fill, dtype=acc, device=device) if t is None else _layout.cast(t, acc)
-                for t in tensors
-            ]))
+                for t in (getattr(bn, name) for bn in self.bns)
+            ])
 
         gamma, beta, mean, var = cat("weight", 1.0), cat("bias", 0.0), cat("running_mean", 0.0), cat("running_var", 1.0)
         return gamma, beta, mean, var, eps.pop(), batch_stats.pop()
@@ -122,8 +119,7 @@ class FusedBottle2neck(nn.Module):
         else:
             gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))
             # .to: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
-            weights = [conv.weight for conv in self.convs]
-            weight = memo(self, "convs weight", (*weights, out.dtype), lambda: _layout.cast(torch.cat(weights), out.dtype))
+            weight = _layout.cast(torch.cat([conv.weight for conv in self.convs]), out.dtype)
             chain, mean, var = res2net_chain(
                 out, weight, gamma, beta, running_mean, running_var, eps,
                 self.scale, self.stype == "stage", self.stride, self.dilation, self.cardinality, batch_stats,

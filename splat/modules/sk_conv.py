@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules._memo import memo
+from splat.modules._constants import constant
 from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_bn, split_attention_bn
 from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
@@ -163,8 +163,7 @@ class _SelectiveKernelBase(nn.Module):
         convs = self._convs()
         check_input(x, convs[0].weight, self.in_channels)
         g = self._geometry()
-        params = tuple(t for conv in convs for t in (conv.weight, conv.bias))
-        weight, bias = memo(self, "combined_conv", (*params, g), lambda: self._combined_conv(g))
+        weight, bias = self._combined_conv(g)
         padding = ((g.extent[0] - 1) // 2, (g.extent[1] - 1) // 2)
         y = F.conv2d(x, weight, bias, g.stride, padding, 1, g.conv_groups)  # (B, M*C, H', W'): all branches
         B, _, H, W = y.shape
@@ -175,7 +174,7 @@ class _SelectiveKernelBase(nn.Module):
         M, K = g.branches, g.y_groups
         order = None
         if K > 1:
-            order = memo(self, "order", (M, g.channels, K, y.device), lambda: _branch_order(M, g.channels, K, y.device))
+            order = constant(("sk order", M, g.channels, K, y.device), lambda: _branch_order(M, g.channels, K, y.device))
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
         bn0 = split_attention_bn(bns, y, order) if mlp is not None else None
         if bn0 is not None:
@@ -268,10 +267,9 @@ class FusedSKConv(_SelectiveKernelBase):
 
     def _stacked_fcs(self) -> tuple[Tensor, Tensor | None]:
         """The fcs as one (M*features, d) linear map, branch-major."""
-        weights, biases = [fc.weight for fc in self.fcs], [fc.bias for fc in self.fcs]
-        return memo(self, "stacked_fcs", (*weights, *biases), lambda: (
-            torch.cat(weights), torch.cat(biases) if biases[0] is not None else None
-        ))
+        weight = torch.cat([fc.weight for fc in self.fcs])
+        bias = torch.cat([fc.bias for fc in self.fcs]) if self.fcs[0].bias is not None else None
+        return weight, bias
 
     def _logits(self, gap: Tensor) -> Tensor:
         z = self.fc(gap)
