@@ -47,6 +47,43 @@ def test_more_than_2_31_elements(backend):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_map_of_more_than_2_31_pixels(backend):
+    """One map of 46341 x 46341 > 2**31 pixels, a ramp along H*W so that a chunk of the map left
+    out or counted twice shows: channel statistics, the pool and its backward against float64 sums."""
+    R, C, side = 2, 1, 46341
+    hw = side * side
+    y = torch.empty(1, R * C, side, side, device="cuda", dtype=torch.bfloat16)
+    flat, step = y.view(R * C, hw), 1 << 26
+    channel = torch.arange(R * C, device="cuda", dtype=torch.float64)[:, None]
+    for i in range(0, hw, step):
+        ramp = torch.arange(i, min(i + step, hw), device="cuda", dtype=torch.float64) * (4 / hw) - 1
+        flat[:, i : i + step] = (ramp + channel).to(torch.bfloat16)
+
+    def total(fn):  # sum over H*W of fn(float64 chunk of flat) per channel
+        return sum(fn(flat[:, i : i + step].double()).sum(1) for i in range(0, hw, step))
+
+    mean = total(lambda t: t) / hw
+    var = total(lambda t: (t - mean[:, None]) ** 2) / hw
+    got_mean, got_var = ops.channel_stats(y, backend)
+    torch.testing.assert_close(got_mean.double(), mean, rtol=1e-4, atol=0)
+    torch.testing.assert_close(got_var.double(), var, rtol=1e-4, atol=0)
+    scale = torch.tensor([0.5, 2.0], device="cuda")
+    shift = torch.tensor([0.25, -3.0], device="cuda")
+    act = lambda t: torch.relu(t * scale.double()[:, None] + shift.double()[:, None])  # noqa: E731
+    gap = ops.radix_pool(y, scale, shift, R, backend)
+    torch.testing.assert_close(gap.double().flatten(), total(act).sum(0, keepdim=True) / hw, rtol=1e-2, atol=0)
+    dgap = torch.full((1, C), 3.0, device="cuda")
+    dy, dscale, dshift = torch.ops.splat.radix_pool_backward(dgap, y, scale, shift, R, 1, backend)
+    positive = lambda t: (t * scale.double()[:, None] + shift.double()[:, None] > 0).double()  # noqa: E731
+    torch.testing.assert_close(dshift.double(), total(positive) * (3 / hw), rtol=1e-4, atol=0)
+    torch.testing.assert_close(dscale.double(), total(lambda t: positive(t) * t) * (3 / hw), rtol=1e-4, atol=0)
+    tail = flat[:, -4096:].double()
+    expected_tail = positive(tail) * scale.double()[:, None] * (3 / hw)
+    torch.testing.assert_close(dy.view(R * C, hw)[:, -4096:].double(), expected_tail, rtol=1e-2, atol=0)
+
+
 def _block(backend):
     ref = SplAtConv2d(64, 32, 3, padding=1, bias=False, radix=2, norm_layer=torch.nn.BatchNorm2d).cuda()
     return ref, splat.FusedSplAtConv2d.from_module(ref, backend=backend)

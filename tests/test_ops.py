@@ -221,12 +221,12 @@ def test_split_attention(backend, dtype, layout, case):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
-@pytest.mark.parametrize("wanted", [1, 1 << 20], ids=["program-per-row", "program-per-tile"])
+@pytest.mark.parametrize("wanted", [1, 1 << 20], ids=["unsplit", "split-most"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
     """Triton's reductions over H*W, whether each (b, channel block) row is one program or H*W is
-    split into one program per tile (``hw_splits``; the device decides which), on maps of several
-    tiles and a tail in both layouts."""
+    split as far as ``hw_splits`` goes (two tiles a program; the device decides how far), on maps
+    of several tiles and a tail in both layouts."""
     from splat.kernels import _tiles
 
     monkeypatch.setattr(_tiles, "programs_wanted", lambda device: wanted)
@@ -378,13 +378,19 @@ def test_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("hw", [(4, 4), (0, 3), (0, 0)], ids=["4x4", "0x3", "0x0"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_empty_batch(backend):
-    y = rand(0, 8, 4, 4)
+def test_empty_batch(backend, hw):
+    y = rand(0, 8, *hw)
     scale, shift = bn_vectors(8, torch.float64)
     assert ops.radix_pool(y, scale, shift, 2, backend).shape == (0, 4)
-    assert ops.attention_sum(y, scale, shift, rand(0, 8), 2, backend).shape == (0, 4, 4, 4)
+    assert ops.attention_sum(y, scale, shift, rand(0, 8), 2, backend).shape == (0, 4, *hw)
     assert ops.radix_softmax(rand(0, 8), 2, 1, backend).shape == (0, 8)
+    assert [t.shape for t in ops.channel_stats(y, backend)] == [(8,), (8,)]
+    dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 4), y, scale, shift, 2, 1, backend)
+    assert dy.shape == y.shape and dscale.shape == dshift.shape == (8,)
+    sums = torch.ops.splat.split_attention_backward_sums(rand(0, 4, *hw), y, scale, shift, rand(0, 8), 2, 1, backend)
+    assert [t.shape for t in sums] == [(8,), (8,), (0, 8), (0, 8), (0, 8)]
 
 
 def test_bad_input():

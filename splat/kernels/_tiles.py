@@ -23,7 +23,8 @@ def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
 
     ``reduce_hw``: the program loops over the whole H*W extent, so BLOCK_HW need not cover it.
     """
-    hw = y.shape[2] * y.shape[3]
+    # Empty extents still get blocks of one element, so that grids and splits stay defined.
+    hw, channels = max(1, y.shape[2] * y.shape[3]), max(1, channels)
     if _layout.hw_stride(y) == 1 and y.stride(1) != 1:
         block_hw = min(triton.next_power_of_2(hw), 1024 if reduce_hw else 512)
         block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMS // block_hw))
@@ -71,6 +72,15 @@ def tile_offsets(b, ch, hw, stride_b, stride_c, stride_hw):
     64-bit, so tensors of more than 2**31 elements address correctly.
     """
     return b * stride_b + ch.to(tl.int64)[:, None] * stride_c + hw.to(tl.int64)[None, :] * stride_hw
+
+
+@triton.jit
+def hw_chunk(CHUNK, HW):
+    """(split, start, end): this program's H*W chunk, axis 2 of the grid (see ``hw_splits``).
+    64-bit: a chunk's end may pass 2**31 on a map of almost that many pixels."""
+    split = tl.program_id(2)
+    start = split.to(tl.int64) * CHUNK
+    return split, start, tl.minimum(start + CHUNK, HW)
 
 
 @triton.jit

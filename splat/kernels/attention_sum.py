@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import bn_relu, hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import bn_relu, hw_chunk, hw_splits, strides, tile_offsets, tile_shape
 
 
 @triton.jit
@@ -54,9 +54,7 @@ def _attention_sum_backward_kernel(
     # and per (b, channel) sums of m*y and m (m = [pre > 0]) instead.
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
+    split, start, end = hw_chunk(CHUNK, HW)
     c_mask = c < C
     k = c // CG
     c0 = k * (R * CG) + (c - k * CG)

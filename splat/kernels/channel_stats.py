@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import hw_chunk, hw_splits, strides, tile_offsets, tile_shape
 
 _MERGE_BLOCK_R = 16
 _MERGE_BLOCK_C = 64
@@ -27,9 +27,7 @@ def _channel_stats_forward_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
+    split, start, end = hw_chunk(CHUNK, HW)
     c_mask = c < C
     hw = tl.arange(0, BLOCK_HW)
     acc_dtype = mean_ptr.dtype.element_ty
@@ -62,7 +60,7 @@ def _channel_stats_merge_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
     for r0 in range(0, ROWS, BLOCK_R):
         r = r0 + rows
-        n = tl.minimum(CHUNK, HW - (r % SPLITS) * CHUNK).to(acc_dtype)
+        n = tl.minimum(CHUNK, HW - (r % SPLITS).to(tl.int64) * CHUNK).to(acc_dtype)
         mask = (r < ROWS)[:, None] & c_mask[None, :]
         part = tl.load(mean_part_ptr + r.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0)
         acc += n[:, None] * part
@@ -70,7 +68,7 @@ def _channel_stats_merge_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
     for r0 in range(0, ROWS, BLOCK_R):
         r = r0 + rows
-        n = tl.minimum(CHUNK, HW - (r % SPLITS) * CHUNK).to(acc_dtype)
+        n = tl.minimum(CHUNK, HW - (r % SPLITS).to(tl.int64) * CHUNK).to(acc_dtype)
         mask = (r < ROWS)[:, None] & c_mask[None, :]
         offs = r.to(tl.int64)[:, None] * C + c[None, :]
         dev = tl.load(mean_part_ptr + offs, mask=mask, other=0.0) - mean[None, :]

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import bn_relu, hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import bn_relu, hw_chunk, hw_splits, strides, tile_offsets, tile_shape
 
 
 @triton.jit
@@ -23,9 +23,7 @@ def _radix_pool_forward_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
+    split, start, end = hw_chunk(CHUNK, HW)
     row = b * tl.num_programs(2) + split
     c_mask = c < C
     k = c // CG
@@ -54,9 +52,7 @@ def _radix_pool_backward_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
+    split, start, end = hw_chunk(CHUNK, HW)
     row = b * tl.num_programs(2) + split
     c_mask = c < C
     k = c // CG
