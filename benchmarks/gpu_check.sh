@@ -123,8 +123,9 @@ else
     python3 -c "import pytest_benchmark" 2>/dev/null && ARGS+=(--benchmark-max-time=0.3 --benchmark-columns=min,median,max,rounds)
     python3 -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout=120)
     # Most of a first GPU run is Triton compiling each kernel variant, one process at a time:
-    # 8 workers compile 8 at once (pytest-benchmark then runs its cases once, untimed).
-    python3 -c "import xdist" 2>/dev/null && ARGS+=(-n 8)
+    # 8 workers compile 8 at once (pytest-benchmark then runs its cases once, untimed); tests of
+    # several-GB tensors share a worker (xdist_group), so they never hold the GPU's memory together.
+    python3 -c "import xdist" 2>/dev/null && ARGS+=(-n 8 --dist loadgroup)
     # Compiling for sm_80/sm_90 through a driver stub is CI's check; here every kernel compiles
     # for the device and runs.
     ARGS+=(--ignore=tests/test_triton_compile.py)

@@ -28,7 +28,12 @@ def test_float16_near_top_of_range(backend):
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=0)
 
 
+# Tensors of several GB: one at a time when gpu_check.sh runs the suite on parallel workers.
+GIANT = pytest.mark.xdist_group("giant-tensors")
+
+
 @pytest.mark.gpu
+@GIANT
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_more_than_2_31_elements(backend):
     """64-bit addressing: a bf16 conv output of 2**31 + 2**20 elements; checked on its last batch item."""
@@ -48,6 +53,7 @@ def test_more_than_2_31_elements(backend):
 
 
 @pytest.mark.gpu
+@GIANT
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_map_of_more_than_2_31_pixels(backend):
     """One map of 46341 x 46341 > 2**31 pixels, a ramp along H*W so that a chunk of the map left
