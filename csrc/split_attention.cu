@@ -37,7 +37,9 @@ __global__ void __launch_bounds__(kBlock)
     my += g * sum_my[b * RC + ch];
     m += g * sum_m[b * RC + ch];
   }
-  const A ds = dscale[ch] + my / A(hw), dh = dshift[ch] + m / A(hw);
+  // An empty map's sums are zero: divide by 1 there rather than make 0/0.
+  const A pixels = A(hw > 0 ? hw : 1);
+  const A ds = dscale[ch] + my / pixels, dh = dshift[ch] + m / pixels;
   dbias[ch] = dh;
   if (mean == nullptr) {
     dweight[ch] = ds;

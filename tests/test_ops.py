@@ -389,8 +389,17 @@ def test_empty_batch(backend, hw):
     assert [t.shape for t in ops.channel_stats(y, backend)] == [(8,), (8,)]
     dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 4), y, scale, shift, 2, 1, backend)
     assert dy.shape == y.shape and dscale.shape == dshift.shape == (8,)
-    sums = torch.ops.splat.split_attention_backward_sums(rand(0, 4, *hw), y, scale, shift, rand(0, 8), 2, 1, backend)
+    dout = rand(0, 4, *hw)
+    sums = torch.ops.splat.split_attention_backward_sums(dout, y, scale, shift, rand(0, 8), 2, 1, backend)
     assert [t.shape for t in sums] == [(8,), (8,), (0, 8), (0, 8), (0, 8)]
+    dscale, dshift = rand(8), rand(8)
+    dy, dweight, dbias = torch.ops.splat.split_attention_backward_dy(
+        dout, y, scale, shift, rand(0, 8), rand(0, 4), dscale, dshift, *sums[3:], rand(0), rand(0), None, None, 2, 1,
+        backend,
+    )
+    assert dy.shape == y.shape
+    torch.testing.assert_close(dweight, dscale)  # nothing to add over an empty batch
+    torch.testing.assert_close(dbias, dshift)
 
 
 def test_bad_input():

@@ -47,8 +47,10 @@ def _split_attention_coefficients_kernel(
         acc_m += g * tl.load(sum_m_ptr + b[:, None] * RC + ch[None, :], mask=mask, other=0.0)
     # Divisions by the integer counts, not products with reciprocals: a float argument would
     # reach the kernel as float32 and cost float64 its precision.
-    dscale = tl.load(dscale_ptr + ch, mask=c_mask, other=0.0) + tl.sum(acc_my, axis=0) / HW
-    dshift = tl.load(dshift_ptr + ch, mask=c_mask, other=0.0) + tl.sum(acc_m, axis=0) / HW
+    # An empty map's sums are zero: divide by 1 there rather than make 0/0.
+    pixels = tl.maximum(HW, 1)
+    dscale = tl.load(dscale_ptr + ch, mask=c_mask, other=0.0) + tl.sum(acc_my, axis=0) / pixels
+    dshift = tl.load(dshift_ptr + ch, mask=c_mask, other=0.0) + tl.sum(acc_m, axis=0) / pixels
     dweight = dscale
     if BATCH_STATS:
         n = B * HW

@@ -182,7 +182,7 @@ def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, at
     # The pool's share of dy is dgap[b, c]/(H*W) for every radix r of channel c: in y's order
     # (B, K, R, C/K) that is a broadcast of dgap viewed as (B, K, 1, C/K). dgap may have any
     # strides (the op is public), so its products are reshaped, not viewed.
-    pool = dgap.reshape(B, K, 1, C // K) * (1 / (H * W))
+    pool = dgap.reshape(B, K, 1, C // K) * (1 / max(H * W, 1))  # an empty map's sums are zero
     dscale = dscale + (sum_my.reshape(B, K, radix, C // K) * pool).sum(0).reshape(RC)
     dshift = dshift + (sum_m.reshape(B, K, radix, C // K) * pool).sum(0).reshape(RC)
     dweight, gamma, delta = dscale, 0.0, 0.0
