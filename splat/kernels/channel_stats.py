@@ -49,6 +49,12 @@ def _channel_stats_forward_kernel(
 
 
 @triton.jit
+def _chunk_pixels(row, SPLITS, CHUNK, HW):
+    """Pixels in the H*W chunk of partial ``row`` (batch item row // SPLITS, chunk row % SPLITS)."""
+    return tl.minimum(CHUNK, HW - (row % SPLITS).to(tl.int64) * CHUNK)
+
+
+@triton.jit
 def _channel_stats_merge_kernel(
     mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, ROWS, SPLITS, C, HW, CHUNK, N,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -60,7 +66,7 @@ def _channel_stats_merge_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
     for r0 in range(0, ROWS, BLOCK_R):
         r = r0 + rows
-        n = tl.minimum(CHUNK, HW - (r % SPLITS).to(tl.int64) * CHUNK).to(acc_dtype)
+        n = _chunk_pixels(r, SPLITS, CHUNK, HW).to(acc_dtype)
         mask = (r < ROWS)[:, None] & c_mask[None, :]
         part = tl.load(mean_part_ptr + r.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0)
         acc += n[:, None] * part
@@ -68,7 +74,7 @@ def _channel_stats_merge_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
     for r0 in range(0, ROWS, BLOCK_R):
         r = r0 + rows
-        n = tl.minimum(CHUNK, HW - (r % SPLITS).to(tl.int64) * CHUNK).to(acc_dtype)
+        n = _chunk_pixels(r, SPLITS, CHUNK, HW).to(acc_dtype)
         mask = (r < ROWS)[:, None] & c_mask[None, :]
         offs = r.to(tl.int64)[:, None] * C + c[None, :]
         dev = tl.load(mean_part_ptr + offs, mask=mask, other=0.0) - mean[None, :]

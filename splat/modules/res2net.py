@@ -118,7 +118,7 @@ class FusedBottle2neck(nn.Module):
             chain = self._unfused_chain(out)
         else:
             gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))
-            # .to: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
+            # The cast: under autocast the branch convs run in conv1's output dtype, as nn.Conv2d would.
             weight = _layout.cast(torch.cat([conv.weight for conv in self.convs]), out.dtype)
             chain, mean, var = res2net_chain(
                 out, weight, gamma, beta, running_mean, running_var, eps,
