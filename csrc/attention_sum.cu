@@ -11,24 +11,23 @@
 namespace splat {
 namespace {
 
-// NCHW forward: one group per output row (b, c) combines the R rows (b, grouped_first(c) + r*CG)
-// element by element.
+// NCHW forward: one group per chunk of an output row (b, c) combines the same chunk of the R rows
+// (b, grouped_first(c) + r*CG) element by element.
 template <typename T, typename O>
 __global__ void __launch_bounds__(kMaxBlock)
     sum_forward_nchw(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                      const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, O* __restrict__ out,
-                     int64_t outputs, int64_t C, int64_t R, Groups gs, int64_t hw, int group) {
+                     int64_t outputs, int64_t C, int64_t R, Groups gs, int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
-  if (row >= outputs) return;  // no reduction below, so idle lanes may leave
-  const int lane = threadIdx.x % group;
-  const int64_t b = row / C, ch0 = grouped_first(row % C, gs);
-  const T* y0 = y + (b * R * C + ch0) * hw;  // radix r starts at y0 + r * CG * hw
-  O* o = out + row * hw;
+  const RowChunk u = row_chunk(p, hw);
+  if (u.row >= outputs) return;  // no reduction below, so idle lanes may leave
+  const int64_t b = u.row / C, ch0 = grouped_first(u.row % C, gs);
+  const T* y0 = y + (b * R * C + ch0) * hw + u.begin;  // radix r starts at y0 + r * CG * hw
+  O* o = out + u.row * hw + u.begin;
   // The R input rows share the first one's alignment when CG*hw fills whole vectors.
-  const int64_t head = (gs.cg * hw) % V == 0 ? aligned_head<V>(hw, y0, o) : hw;
-  for_row<V>(hw, head, lane, group, [&](int64_t i, auto w) {
+  const int64_t head = (gs.cg * hw) % V == 0 ? aligned_head<V>(u.n, y0, o) : u.n;
+  for_row<V>(u.n, head, u.lane, p.group, [&](int64_t i, auto w) {
     constexpr int W = decltype(w)::value;
     A acc[W] = {};
     for (int64_t r = 0; r < R; ++r) {
@@ -133,40 +132,41 @@ __device__ __forceinline__ void write_sums(const SumsOut<A, N>& out, int64_t at,
   for (int i = 2; i < N; ++i) out.at[i][at] = total.v[i];
 }
 
-// NCHW backward: one group per row (b, ch) reduces the row's sums, and writes dy unless kMaskSums.
+// NCHW backward: one group per chunk of a row (b, ch) reduces the chunk's sums into
+// (b * splits + split, ch), and writes dy unless kMaskSums.
 template <typename T, typename D, bool kMaskSums>
 __global__ void __launch_bounds__(kMaxBlock)
     sum_backward_nchw(const D* __restrict__ dout, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                       const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ attn, T* __restrict__ dy,
                       SumsOut<acc_t<T>, kBackwardSums<kMaskSums>> out, int64_t rows, int64_t C, int64_t RC,
-                      Groups gs, int64_t hw, int group) {
+                      Groups gs, int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   using S = Sums<A, kBackwardSums<kMaskSums>>;
   constexpr int V = vec_width<T>;
   __shared__ S smem[kMaxBlock / 32];
-  const int lane = threadIdx.x % group;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  const RowChunk u = row_chunk(p, hw);
+  const int64_t b = u.row / RC, ch = u.row % RC;
   S acc{};
   A a = 0;
-  if (row < rows) {
-    const int64_t ch = row % RC;
+  if (u.row < rows) {
     const A s = scale[ch], t = shift[ch];
-    a = attn[row];
-    const T* yr = y + row * hw;
-    const D* gr = dout + (row / RC * C + plain_of(ch, gs)) * hw;
-    const int64_t head = kMaskSums ? aligned_head<V>(hw, yr, gr) : aligned_head<V>(hw, yr, dy + row * hw, gr);
-    for_row<V>(hw, head, lane, group, [&](int64_t i, auto w) {
+    a = attn[u.row];
+    const T* yr = y + u.row * hw + u.begin;
+    const D* gr = dout + (b * C + plain_of(ch, gs)) * hw + u.begin;
+    T* dr = kMaskSums ? nullptr : dy + u.row * hw + u.begin;
+    const int64_t head = kMaskSums ? aligned_head<V>(u.n, yr, gr) : aligned_head<V>(u.n, yr, dr, gr);
+    for_row<V>(u.n, head, u.lane, p.group, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
       const auto v = load<W>(yr + i);
       const auto g = load<W>(gr + i);
       Pack<T, W> d;
 #pragma unroll
       for (int k = 0; k < W; ++k) d.v[k] = T(backward_element(acc, A(v.v[k]), A(g.v[k]), s, t, a));
-      if constexpr (!kMaskSums) store<W>(dy + row * hw + i, d);
+      if constexpr (!kMaskSums) store<W>(dr + i, d);
     });
   }
-  acc = group_reduce(acc, group, smem);
-  if (row < rows && lane == 0) write_sums(out, row, a, acc);
+  acc = group_reduce(acc, p.group, smem);
+  if (u.row < rows && u.lane == 0) write_sums(out, (b * p.splits + u.split) * RC + ch, a, acc);
 }
 
 // NHWC backward: a lane owns V contiguous channels of one radix slice (V > 1 needs V | CG, so that
@@ -246,7 +246,7 @@ at::Tensor attention_sum_forward(const at::Tensor& y_in, const at::Tensor& scale
         const RowPlan plan = plan_rows(B * C, hw, V, sm_count(y.get_device()));
         sum_forward_nchw<scalar_t, O><<<plan.blocks, plan.threads, 0, stream>>>(
             y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), B * C, C, radix, gs, hw, plan.group);
+            attn.const_data_ptr<A>(), out.mutable_data_ptr<O>(), B * C, C, radix, gs, hw, plan);
       } else {
         const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? C / V : C, B, hw, sm_count(y.get_device()));
@@ -293,7 +293,8 @@ std::pair<at::Tensor, std::array<at::Tensor, kBackwardSums<kMaskSums>>> sum_back
   }
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  std::array<at::Tensor, N> parts;  // (B * splits, RC); NCHW rows are not split
+  std::array<at::Tensor, N> parts;  // (B * splits, RC)
+  int64_t splits;
   constexpr const char* name = kMaskSums ? "split_attention_backward_sums" : "attention_sum_backward";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), name, [&] {
     using A = acc_t<scalar_t>;
@@ -312,19 +313,20 @@ std::pair<at::Tensor, std::array<at::Tensor, kBackwardSums<kMaskSums>>> sum_back
       using D = decltype(dout_tag);
       if (fmt == at::MemoryFormat::Contiguous) {
         const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
+        splits = plan.splits;
         sum_backward_nchw<scalar_t, D, kMaskSums><<<plan.blocks, plan.threads, 0, stream>>>(
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(1), B * RC, C, RC, gs, hw,
-            plan.group);
+            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(splits), B * RC, C, RC, gs, hw,
+            plan);
       } else {
         const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));
+        splits = plan.splits;
         const auto kernel =
             vec ? sum_backward_nhwc<scalar_t, D, kMaskSums, V> : sum_backward_nhwc<scalar_t, D, kMaskSums, 1>;
         kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
-            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(plan.splits), C, RC, gs, hw,
-            plan);
+            shift.const_data_ptr<A>(), attn.const_data_ptr<A>(), dy_data, allocate(splits), C, RC, gs, hw, plan);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -337,7 +339,7 @@ std::pair<at::Tensor, std::array<at::Tensor, kBackwardSums<kMaskSums>>> sum_back
   sums[0] = parts[0].sum(0);
   sums[1] = parts[1].sum(0);
   for (int i = 2; i < N; ++i) {
-    sums[i] = fmt == at::MemoryFormat::Contiguous ? parts[i] : parts[i].view({B, -1, RC}).sum(1);
+    sums[i] = splits == 1 ? parts[i] : parts[i].view({B, splits, RC}).sum(1);
   }
   sums[2] = sums[2].to(attn_in.scalar_type());
   return {dy, sums};

@@ -9,20 +9,19 @@
 namespace splat {
 namespace {
 
-// NCHW: one group per row (b, ch); partials (B, RC) with hw values each.
+// NCHW: one group per chunk of a row (b, ch); partials (B * splits, RC).
 template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     stats_nchw(const T* __restrict__ y, acc_t<T>* __restrict__ mean_part, acc_t<T>* __restrict__ m2_part,
-               int64_t rows, int64_t hw, int group) {
+               int64_t rows, int64_t RC, int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ Welford<A> smem[kMaxBlock / 32];
-  const int lane = threadIdx.x % group;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  const RowChunk u = row_chunk(p, hw);
   Welford<A> st{};
-  if (row < rows) {
-    const T* yr = y + row * hw;
-    for_row<V>(hw, aligned_head<V>(hw, yr), lane, group, [&](int64_t i, auto w) {
+  if (u.row < rows) {
+    const T* yr = y + u.row * hw + u.begin;
+    for_row<V>(u.n, aligned_head<V>(u.n, yr), u.lane, p.group, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
       const auto v = load<W>(yr + i);
       A x[W];
@@ -31,10 +30,11 @@ __global__ void __launch_bounds__(kMaxBlock)
       st = combine(st, welford_of(x, W));
     });
   }
-  st = group_reduce(st, group, smem);
-  if (row < rows && lane == 0) {
-    mean_part[row] = st.mean;
-    m2_part[row] = st.m2;
+  st = group_reduce(st, p.group, smem);
+  if (u.row < rows && u.lane == 0) {
+    const int64_t at = (u.row / RC * p.splits + u.split) * RC + u.row % RC;
+    mean_part[at] = st.mean;
+    m2_part[at] = st.m2;
   }
 }
 
@@ -110,22 +110,21 @@ __global__ void __launch_bounds__(kMaxBlock)
   }
 }
 
-// NCHW backward: one group per row (b, ch), elementwise.
+// NCHW backward: one group per chunk of a row (b, ch), elementwise.
 template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     stats_backward_nchw(const acc_t<T>* __restrict__ dmean, const acc_t<T>* __restrict__ dvar,
                         const T* __restrict__ y, const acc_t<T>* __restrict__ mean, T* __restrict__ dy,
-                        int64_t rows, int64_t RC, int64_t hw, acc_t<T> inv_n, int group) {
+                        int64_t rows, int64_t RC, int64_t hw, acc_t<T> inv_n, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % group;
-  const int64_t ch = row % RC;
+  const RowChunk u = row_chunk(p, hw);
+  if (u.row >= rows) return;
+  const int64_t ch = u.row % RC;
   const A dm = dmean[ch], dv = A(2) * dvar[ch], mu = mean[ch];
-  const T* yr = y + row * hw;
-  T* dr = dy + row * hw;
-  for_row<V>(hw, aligned_head<V>(hw, yr, dr), lane, group, [&](int64_t i, auto w) {
+  const T* yr = y + u.row * hw + u.begin;
+  T* dr = dy + u.row * hw + u.begin;
+  for_row<V>(u.n, aligned_head<V>(u.n, yr, dr), u.lane, p.group, [&](int64_t i, auto w) {
     constexpr int W = decltype(w)::value;
     const auto v = load<W>(yr + i);
     Pack<T, W> d;
@@ -186,14 +185,16 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_forward(const at::Tensor& y_in)
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>;
     at::Tensor mean_part, m2_part;
-    int64_t splits = 1, chunk = hw;
+    int64_t splits, chunk;  // of HW, for the merge
     if (fmt == at::MemoryFormat::Contiguous) {
-      mean_part = at::empty({B, RC}, acc_options);
-      m2_part = at::empty({B, RC}, acc_options);
       const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
+      splits = plan.splits;
+      chunk = plan.chunk;
+      mean_part = at::empty({B * splits, RC}, acc_options);
+      m2_part = at::empty({B * splits, RC}, acc_options);
       stats_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), mean_part.mutable_data_ptr<A>(), m2_part.mutable_data_ptr<A>(), B * RC,
-          hw, plan.group);
+          RC, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const bool vec = RC % V == 0 && aligned(y.const_data_ptr());
@@ -238,7 +239,7 @@ at::Tensor channel_stats_backward(const at::Tensor& dmean_in, const at::Tensor& 
       const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
       stats_backward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           dmean.const_data_ptr<A>(), dvar.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), B * RC, RC, hw, inv_n, plan.group);
+          mean.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), B * RC, RC, hw, inv_n, plan);
     } else {
       const bool vec = RC % V == 0 && aligned(y.const_data_ptr());
       const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));

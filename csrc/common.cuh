@@ -135,21 +135,31 @@ inline unsigned grid_size(int64_t blocks) {
   return static_cast<unsigned>(blocks);
 }
 
-// NCHW: a group of `group` lanes (a power of two) walks one contiguous HW row. The smallest group
-// giving a lane at most four vectors of a row, widened (up to one vector per lane) until the grid
-// holds a full wave of threads, so that short rows pack into blocks and few rows still fill the GPU.
+// NCHW: a group of `group` lanes (a power of two) walks a chunk of `chunk` elements of one
+// contiguous HW row; units enumerate (row, split), split fastest. The group is the smallest giving
+// a lane at most four vectors of a row, widened (up to one vector per lane) until the grid holds a
+// full wave of threads, so that short rows pack into blocks. Rows too few to fill the wave even
+// then are cut into `splits` chunks of at least four vectors per lane: few long rows still fill
+// the GPU, and no lane sums a whole huge map in float32, which drifts over millions of terms.
 struct RowPlan {
   int group;
   int threads;
   unsigned blocks;
+  int64_t splits;
+  int64_t chunk;  // a multiple of the vector width, so aligned rows give aligned chunks
 };
 
 inline RowPlan plan_rows(int64_t rows, int64_t hw, int vec, int sms) {
+  const int64_t wave = int64_t(sms) * kThreadsPerSm;
   const int64_t widest = std::min<int64_t>(pow2_ceil(ceil_div(hw, vec)), kMaxBlock);
   int64_t group = std::min<int64_t>(pow2_ceil(ceil_div(hw, 4 * vec)), widest);
-  while (group < widest && rows * group < int64_t(sms) * kThreadsPerSm) group *= 2;
+  while (group < widest && rows * group < wave) group *= 2;
+  int64_t splits =
+      std::clamp<int64_t>(ceil_div(wave, rows * group), 1, std::max<int64_t>(1, hw / (4 * vec * group)));
+  const int64_t chunk = ceil_div(ceil_div(hw, splits), vec) * vec;
+  splits = ceil_div(hw, chunk);
   const int threads = static_cast<int>(std::max<int64_t>(group, kBlock));
-  return {static_cast<int>(group), threads, grid_size(ceil_div(rows, threads / group))};
+  return {static_cast<int>(group), threads, grid_size(ceil_div(rows * splits, threads / group)), splits, chunk};
 }
 
 // NHWC: `tx` lanes span the channel vectors of a tile and `ty` lanes the pixels of one of `splits`
@@ -194,6 +204,24 @@ __host__ __device__ __forceinline__ int64_t grouped_first(int64_t c, const Group
 
 __host__ __device__ __forceinline__ int64_t plain_of(int64_t ch, const Groups& g) {
   return ch / g.rcg * g.cg + ch % g.cg;
+}
+
+// The unit of an NCHW lane: elements [begin, begin + n) of row `row`, walked by `lane` of its group.
+// `row` may be past the last row in the last block.
+struct RowChunk {
+  int64_t row, split, begin, n;
+  int lane;
+};
+
+__device__ __forceinline__ RowChunk row_chunk(const RowPlan& p, int64_t hw) {
+  const int64_t unit = int64_t(blockIdx.x) * (blockDim.x / p.group) + threadIdx.x / p.group;
+  RowChunk c;
+  c.row = unit / p.splits;
+  c.split = unit % p.splits;
+  c.begin = c.split * p.chunk;
+  c.n = c.begin + p.chunk < hw ? p.chunk : hw - c.begin;
+  c.lane = static_cast<int>(threadIdx.x) % p.group;
+  return c;
 }
 
 struct NhwcTile {

@@ -6,25 +6,27 @@
 namespace splat {
 namespace {
 
-// NCHW forward: one group per output (b, c) walks the R rows (b, grouped_first(c) + r*CG).
+// NCHW forward: one group per output (b, c) walks the same chunk of the R rows
+// (b, grouped_first(c) + r*CG). A single chunk writes gap; split rows write per-chunk sums
+// (B, splits, C), added up by the caller.
 template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     pool_forward_nchw(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
-                      const acc_t<T>* __restrict__ shift, T* __restrict__ gap, int64_t outputs, int64_t C,
-                      int64_t R, Groups gs, int64_t hw, int group) {
+                      const acc_t<T>* __restrict__ shift, T* __restrict__ gap, acc_t<T>* __restrict__ part,
+                      int64_t outputs, int64_t C, int64_t R, Groups gs, int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ A smem[kMaxBlock / 32];
-  const int lane = threadIdx.x % group;
-  const int64_t out = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  const RowChunk u = row_chunk(p, hw);
+  const int64_t b = u.row / C, c = u.row % C;
   A sum = 0;
-  if (out < outputs) {
-    const int64_t b = out / C, ch0 = grouped_first(out % C, gs);
+  if (u.row < outputs) {
+    const int64_t ch0 = grouped_first(c, gs);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t ch = ch0 + r * gs.cg;
-      const T* row = y + (b * R * C + ch) * hw;
+      const T* row = y + (b * R * C + ch) * hw + u.begin;
       const A s = scale[ch], t = shift[ch];
-      for_row<V>(hw, aligned_head<V>(hw, row), lane, group, [&](int64_t i, auto w) {
+      for_row<V>(u.n, aligned_head<V>(u.n, row), u.lane, p.group, [&](int64_t i, auto w) {
         constexpr int W = decltype(w)::value;
         const auto v = load<W>(row + i);
 #pragma unroll
@@ -32,8 +34,14 @@ __global__ void __launch_bounds__(kMaxBlock)
       });
     }
   }
-  sum = group_reduce(sum, group, smem);
-  if (out < outputs && lane == 0) gap[out] = T(sum / A(hw));
+  sum = group_reduce(sum, p.group, smem);
+  if (u.row < outputs && u.lane == 0) {
+    if (p.splits == 1) {
+      gap[u.row] = T(sum / A(hw));
+    } else {
+      part[(b * p.splits + u.split) * C + c] = sum;
+    }
+  }
 }
 
 // NHWC forward: a lane sums V contiguous channels over its pixels, one radix at a time; the
@@ -74,28 +82,28 @@ __global__ void __launch_bounds__(kBlock)
   });
 }
 
-// NCHW backward: one group per row (b, ch) writes dy and the row's terms of dscale and dshift.
+// NCHW backward: one group per chunk of a row (b, ch) writes dy and the chunk's terms of dscale and
+// dshift, at (b * splits + split, ch).
 template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     pool_backward_nchw(const acc_t<T>* __restrict__ dgap, const T* __restrict__ y,
                        const acc_t<T>* __restrict__ scale, const acc_t<T>* __restrict__ shift,
                        T* __restrict__ dy, acc_t<T>* __restrict__ dscale_part,
                        acc_t<T>* __restrict__ dshift_part, int64_t rows, int64_t C, int64_t RC, Groups gs,
-                       int64_t hw, int group) {
+                       int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
   __shared__ Sums<A, 2> smem[kMaxBlock / 32];
-  const int lane = threadIdx.x % group;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
+  const RowChunk u = row_chunk(p, hw);
+  const int64_t b = u.row / RC, ch = u.row % RC;
   Sums<A, 2> acc{};
   A g = 0;
-  if (row < rows) {
-    const int64_t ch = row % RC;
-    g = dgap[row / RC * C + plain_of(ch, gs)] / A(hw);
+  if (u.row < rows) {
+    g = dgap[b * C + plain_of(ch, gs)] / A(hw);
     const A s = scale[ch], t = shift[ch], ds = g * s;
-    const T* yr = y + row * hw;
-    T* dr = dy + row * hw;
-    for_row<V>(hw, aligned_head<V>(hw, yr, dr), lane, group, [&](int64_t i, auto w) {
+    const T* yr = y + u.row * hw + u.begin;
+    T* dr = dy + u.row * hw + u.begin;
+    for_row<V>(u.n, aligned_head<V>(u.n, yr, dr), u.lane, p.group, [&](int64_t i, auto w) {
       constexpr int W = decltype(w)::value;
       const auto v = load<W>(yr + i);
       Pack<T, W> d;
@@ -110,10 +118,11 @@ __global__ void __launch_bounds__(kMaxBlock)
       store<W>(dr + i, d);
     });
   }
-  acc = group_reduce(acc, group, smem);
-  if (row < rows && lane == 0) {
-    dscale_part[row] = g * acc.v[0];
-    dshift_part[row] = g * acc.v[1];
+  acc = group_reduce(acc, p.group, smem);
+  if (u.row < rows && u.lane == 0) {
+    const int64_t at = (b * p.splits + u.split) * RC + ch;
+    dscale_part[at] = g * acc.v[0];
+    dshift_part[at] = g * acc.v[1];
   }
 }
 
@@ -192,24 +201,30 @@ at::Tensor radix_pool_forward(const at::Tensor& y_in, const at::Tensor& scale_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "radix_pool_forward", [&] {
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>;
+    at::Tensor part;  // per-split sums (B, splits, C); undefined when NCHW rows are one chunk each
     if (fmt == at::MemoryFormat::Contiguous) {
-      gap = at::empty({B, C}, y.options());
       const RowPlan plan = plan_rows(B * C, hw, V, sm_count(y.get_device()));
+      if (plan.splits == 1) {
+        gap = at::empty({B, C}, y.options());
+      } else {
+        part = at::empty({B, plan.splits, C}, scale.options());
+      }
       pool_forward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
-          gap.mutable_data_ptr<scalar_t>(), B * C, C, radix, gs, hw, plan.group);
+          plan.splits == 1 ? gap.mutable_data_ptr<scalar_t>() : nullptr,
+          plan.splits == 1 ? nullptr : part.mutable_data_ptr<A>(), B * C, C, radix, gs, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());
       const NhwcPlan plan = plan_nhwc(vec ? C / V : C, B, hw, sm_count(y.get_device()));
-      const at::Tensor part = at::empty({B, plan.splits, C}, scale.options());
+      part = at::empty({B, plan.splits, C}, scale.options());
       const auto kernel = vec ? pool_forward_nhwc<scalar_t, V> : pool_forward_nhwc<scalar_t, 1>;
       kernel<<<nhwc_blocks(plan, B), kBlock, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(), shift.const_data_ptr<A>(),
           part.mutable_data_ptr<A>(), C, radix, gs, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gap = part.sum(1).div_(hw).to(y.scalar_type());
     }
+    if (part.defined()) gap = part.sum(1).div_(hw).to(y.scalar_type());
   });
   return gap;
 }
@@ -237,13 +252,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> radix_pool_backward(const at::Ten
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>;
     if (fmt == at::MemoryFormat::Contiguous) {
-      dscale_part = at::empty({B, RC}, scale.options());
-      dshift_part = at::empty({B, RC}, scale.options());
       const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
+      dscale_part = at::empty({B * plan.splits, RC}, scale.options());
+      dshift_part = at::empty({B * plan.splits, RC}, scale.options());
       pool_backward_nchw<scalar_t><<<plan.blocks, plan.threads, 0, stream>>>(
           dgap.const_data_ptr<A>(), y.const_data_ptr<scalar_t>(), scale.const_data_ptr<A>(),
           shift.const_data_ptr<A>(), dy.mutable_data_ptr<scalar_t>(), dscale_part.mutable_data_ptr<A>(),
-          dshift_part.mutable_data_ptr<A>(), B * RC, C, RC, gs, hw, plan.group);
+          dshift_part.mutable_data_ptr<A>(), B * RC, C, RC, gs, hw, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr());

@@ -88,22 +88,22 @@ struct Coef {
   }
 };
 
-// NCHW: one group per row (b, ch) of y, reading the row (b, plain_of(ch)) of dout.
+// NCHW: one group per chunk of a row (b, ch) of y, reading the same chunk of the row (b, plain_of(ch))
+// of dout.
 template <typename T, typename D>
 __global__ void __launch_bounds__(kMaxBlock)
     dy_nchw(const D* __restrict__ dout, const T* __restrict__ y, const DyInputs<acc_t<T>> in, T* __restrict__ dy,
-            int64_t rows, int64_t C, int64_t RC, Groups gs, int64_t hw, int group) {
+            int64_t rows, int64_t C, int64_t RC, Groups gs, int64_t hw, RowPlan p) {
   using A = acc_t<T>;
   constexpr int V = vec_width<T>;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % group;
-  const int64_t ch = row % RC;
-  const Coef<A> c(in, row / RC, ch, C, RC, gs, hw);
-  const T* yr = y + row * hw;
-  const D* gr = dout + (row / RC * C + plain_of(ch, gs)) * hw;
-  T* dr = dy + row * hw;
-  for_row<V>(hw, aligned_head<V>(hw, yr, dr, gr), lane, group, [&](int64_t i, auto w) {
+  const RowChunk u = row_chunk(p, hw);
+  if (u.row >= rows) return;
+  const int64_t b = u.row / RC, ch = u.row % RC;
+  const Coef<A> c(in, b, ch, C, RC, gs, hw);
+  const T* yr = y + u.row * hw + u.begin;
+  const D* gr = dout + (b * C + plain_of(ch, gs)) * hw + u.begin;
+  T* dr = dy + u.row * hw + u.begin;
+  for_row<V>(u.n, aligned_head<V>(u.n, yr, dr, gr), u.lane, p.group, [&](int64_t i, auto w) {
     constexpr int W = decltype(w)::value;
     const auto v = load<W>(yr + i);
     const auto g = load<W>(gr + i);
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> split_attention_backward_dy(
         const RowPlan plan = plan_rows(B * RC, hw, V, sm_count(y.get_device()));
         dy_nchw<scalar_t, D><<<plan.blocks, plan.threads, 0, stream>>>(
             dout.const_data_ptr<D>(), y.const_data_ptr<scalar_t>(), in, dy.mutable_data_ptr<scalar_t>(), B * RC, C,
-            RC, gs, hw, plan.group);
+            RC, gs, hw, plan);
       } else {
         const bool vec = gs.cg % V == 0 && aligned(y.const_data_ptr()) && aligned(dout.const_data_ptr());
         const NhwcPlan plan = plan_nhwc(vec ? RC / V : RC, B, hw, sm_count(y.get_device()));

@@ -34,7 +34,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 # (B, radix, cardinality, C, H, W): aligned vectors, C = 3*5 with 7x7, HW = 1, R = 4 / K = 2,
-# R = 1 / K = 4, R = 3, several NHWC channel tiles, rows long enough for 1024-lane groups.
+# R = 1 / K = 4, R = 3, several NHWC channel tiles, rows long enough for 1024-lane groups, and
+# rows so few and long (H*W = 66427, odd) that NCHW cuts each into 2-8 chunks (plan_rows) with a
+# short last one.
 CASES = [
     pytest.param((2, 2, 1, 16, 8, 8), id="aligned"),
     pytest.param((3, 2, 3, 15, 7, 7), id="c15-7x7"),
@@ -44,6 +46,7 @@ CASES = [
     pytest.param((2, 3, 1, 24, 4, 4), id="r3"),
     pytest.param((1, 2, 1, 136, 3, 3), id="c-tiles"),
     pytest.param((2, 2, 1, 4, 100, 100), id="long-rows"),
+    pytest.param((1, 2, 1, 2, 181, 367), id="split-rows"),
 ]
 
 
@@ -177,7 +180,8 @@ def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
 
 # (B, radix, groups, C, H, W) with y's channels ordered (group, radix, channel of the group): C/K a
 # multiple of every vector width, C/K = 6 (vectors only for float64), odd C/K = 3 and 17 (scalar
-# NHWC paths everywhere), R = 1 and 3, HW = 1, several NHWC channel tiles, long NCHW rows.
+# NHWC paths everywhere), R = 1 and 3, HW = 1, several NHWC channel tiles, long NCHW rows, NCHW rows
+# cut into chunks.
 GROUP_CASES = [
     pytest.param((2, 2, 2, 16, 5, 5), id="r2k2-cg8"),
     pytest.param((2, 3, 4, 32, 3, 3), id="r3k4-cg8"),
@@ -187,6 +191,7 @@ GROUP_CASES = [
     pytest.param((3, 2, 2, 34, 1, 1), id="hw1-cg17"),
     pytest.param((1, 2, 2, 256, 3, 3), id="c-tiles"),
     pytest.param((1, 2, 4, 16, 60, 60), id="long-rows"),
+    pytest.param((1, 2, 2, 4, 181, 367), id="split-rows"),
 ]
 
 
