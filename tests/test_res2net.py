@@ -9,13 +9,16 @@ import io
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import splat
 from splat.modules.res2net import FusedBottle2neck
 from splat.ops.res2net_chain import res2net_chain
 from tests.helpers import (
-    BACKENDS, DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+    BACKENDS, DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules,
+    compare_random_block, rand, randomize_bn, run_module,
 )
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
 
@@ -332,3 +335,31 @@ def test_op_bad_input():
 def test_cuda_backend_on_cpu_raises():
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
         FusedBottle2neck(16, 4, backend="cuda")(rand(2, 16, 5, 5, dtype=torch.float32))
+
+
+@st.composite
+def res2net_blocks(draw):
+    """A valid original or timm Bottle2neck: a first block of a stage (downsample, any input width,
+    stride 1 or 2) or a later one (input = output width, stride 1), and an input for it."""
+    timm, first = draw(st.booleans()), draw(st.booleans())
+    planes, base_width = draw(st.integers(1, 3)), draw(st.sampled_from([26, 40, 64, 96]))
+    assume(planes * base_width >= 64)  # at least one channel per split
+    scale, stride = draw(st.integers(1, 5)), draw(st.sampled_from([1, 2])) if first else 1
+    inplanes = draw(st.integers(1, 8)) if first else 4 * planes
+    ds = downsample(inplanes, planes, stride) if first else None
+    if timm:
+        cardinality, dilation = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2]))
+        block = TimmBottle2neck(inplanes, planes, stride, ds, cardinality, base_width, scale, dilation)
+    else:
+        block = Bottle2neck(inplanes, planes, stride, ds, base_width, scale, "stage" if first else "normal")
+    train = draw(st.booleans())
+    shape = (draw(st.integers(2 if train else 1, 3)), inplanes, draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    return block, shape, draw(st.sampled_from(LAYOUTS)), train
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=res2net_blocks())
+def test_property_random_blocks(backend, case):
+    block, shape, layout, train = case
+    compare_random_block(block, lambda m: FusedBottle2neck.from_module(m, backend=backend), shape, layout, train)

@@ -7,12 +7,15 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
 from splat.ops import attention_sum, radix_pool
 from tests.helpers import (
-    DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+    DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, check_rejects_bad_input, compare_modules,
+    compare_random_block, rand, randomize_bn, run_module,
 )
 from tests.reference.sk import SelectiveKernel, SKConv
 
@@ -242,3 +245,31 @@ def test_bad_input():
         FusedSKConv(8, None, 0, 1, 2)
     with pytest.raises(ValueError, match="split_input needs in_channels=9"):
         FusedSelectiveKernel(9, 8)
+
+
+@st.composite
+def sk_blocks(draw):
+    """A valid SKConv or timm-like SelectiveKernel, and an input for it."""
+    groups, paths = draw(st.sampled_from([1, 2, 4])), draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([1, 2]))
+    if draw(st.booleans()):
+        features = groups * draw(st.integers(1, 3))
+        r, L = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+        block = SKConv(features, None, paths, groups, r, stride, L)
+        channels = features
+    else:
+        split = draw(st.booleans())
+        channels = (paths if split else 1) * groups * draw(st.integers(1, 2))
+        out_channels = groups * draw(st.integers(1, 3))
+        block = SelectiveKernel(channels, out_channels, stride, groups, paths, draw(st.integers(1, 8)), split)
+    train = draw(st.booleans())
+    shape = (draw(st.integers(2 if train else 1, 3)), channels, draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    return block, shape, draw(st.sampled_from(LAYOUTS)), train
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=sk_blocks())
+def test_property_random_blocks(backend, case):
+    block, shape, layout, train = case
+    compare_random_block(block, lambda m: FusedSKConv.from_module(m, backend=backend), shape, layout, train)
