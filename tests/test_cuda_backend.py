@@ -213,16 +213,21 @@ def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     compare_split_attention_backward(y, scale, shift, R, K, layout, offset, what)
 
 
+# y's shapes for the mixed-dtype tests: a small map, and NCHW rows cut into chunks (plan_rows).
+MIXED_SHAPES = [pytest.param((2, 32, 9, 9), id="9x9"), pytest.param((1, 8, 181, 367), id="split-rows")]
+
+
 @gpu_test
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_attention_sum_float32_weights(cuda_ops, dtype, layout):
+def test_attention_sum_float32_weights(cuda_ops, dtype, layout, shape):
     """Under autocast attn is float32 while y is lower precision: out and dout are float32. A float64
     attn gives float64 results that, as in the reference, are computed in y's accumulation dtype."""
-    y = make((2, 32, 9, 9), dtype, layout)
-    scale, shift = bn_vectors(32, dtype)
+    y = make(shape, dtype, layout)
+    scale, shift = bn_vectors(shape[1], dtype)
     for attn_dtype in (torch.float32, torch.float64):
-        attn = torch.rand(2, 32, device="cuda", dtype=attn_dtype)
+        attn = torch.rand(shape[:2], device="cuda", dtype=attn_dtype)
         for groups in (1, 4):
             fn = lambda be, *a: ops.attention_sum(*a, 2, backend=be, groups=groups)  # noqa: E731
             what = f"attn {attn_dtype} groups={groups}"
@@ -230,14 +235,15 @@ def test_attention_sum_float32_weights(cuda_ops, dtype, layout):
 
 
 @gpu_test
+@pytest.mark.parametrize("shape", MIXED_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_split_attention_backward_wide_dout(cuda_ops, dtype, layout):
+def test_split_attention_backward_wide_dout(cuda_ops, dtype, layout, shape):
     """dout in the accumulation dtype (out_dtype float32 for lower-precision y) is read as it is; a
     float64 dout for y below float64 is read in the accumulation dtype, as the references convert it."""
     for offset in (0, 1):
-        y = make((2, 32, 9, 9), dtype, layout, offset)
-        scale, shift = bn_vectors(32, dtype)
+        y = make(shape, dtype, layout, offset)
+        scale, shift = bn_vectors(shape[1], dtype)
         for dout_dtype in (torch.float32, torch.float64):
             for groups in (1, 4):
                 what = f"dout {dout_dtype} groups={groups} offset={offset}"
