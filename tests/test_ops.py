@@ -6,6 +6,8 @@ ops' own backward formulas.
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from splat import ops
 from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
@@ -71,11 +73,7 @@ def check_op(fn, expected_fn, inputs, dtype, name):
     return outs
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_radix_pool(backend, dtype, layout, case):
+def check_radix_pool(backend, dtype, layout, case):
     B, R, K, C, H, W = case
     y = rand(B, R * C, H, W, dtype=dtype, layout=layout)
     scale, shift = bn_vectors(R * C, dtype)
@@ -83,11 +81,7 @@ def test_radix_pool(backend, dtype, layout, case):
     check_op(fn, lambda y, s, t: expected_pool(y, s, t, R), [y, scale, shift], dtype, "radix_pool")
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_attention_sum(backend, dtype, layout, case):
+def check_attention_sum(backend, dtype, layout, case):
     B, R, K, C, H, W = case
     y = rand(B, R * C, H, W, dtype=dtype, layout=layout)
     scale, shift = bn_vectors(R * C, dtype)
@@ -99,29 +93,65 @@ def test_attention_sum(backend, dtype, layout, case):
     assert out.is_contiguous(memory_format=layout), "the output must keep the input's memory format"
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_radix_softmax(backend, dtype, case):
+def check_radix_softmax(backend, dtype, case):
     B, R, K, C, _, _ = case
     logits = rand(B, R * C, dtype=dtype, scale=3.0)
     fn = lambda x: ops.radix_softmax(x, R, K, backend)  # noqa: E731
     check_op(fn, lambda x: expected_softmax(x, R, K), [logits], dtype, "radix_softmax")
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_channel_stats(backend, dtype, layout, case):
+def check_channel_stats(backend, dtype, layout, case):
     B, R, K, C, H, W = case
-    if B * H * W == 1:
-        pytest.skip("a single value per channel has no variance to test")
     # A mean far from zero: a naive E[y^2] - E[y]^2 would lose every digit of the variance.
     y = (rand(B, R * C, H, W, dtype=dtype, layout=layout) * 0.1 + 30).to(dtype)
     mean, var = check_op(lambda y: ops.channel_stats(y, backend), expected_stats, [y], dtype, "channel_stats")
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert mean.dtype == var.dtype == expected_dtype
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "check", [check_radix_pool, check_attention_sum, check_channel_stats], ids=lambda f: f.__name__[6:]
+)
+@pytest.mark.parametrize("backend", backend_params())
+def test_map_op(backend, check, dtype, layout, case):
+    B, _, _, _, H, W = case
+    if check is check_channel_stats and B * H * W == 1:
+        pytest.skip("a single value per channel has no variance to test")
+    check(backend, dtype, layout, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_radix_softmax(backend, dtype, case):
+    check_radix_softmax(backend, dtype, case)
+
+
+@st.composite
+def op_cases(draw):
+    """(B, radix, cardinality, C, H, W) with C a multiple of the cardinality, and a layout."""
+    radix, cardinality = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    C = cardinality * draw(st.integers(1, 5))
+    case = (draw(st.integers(1, 3)), radix, cardinality, C, draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    return case, draw(st.sampled_from(LAYOUTS))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=op_cases())
+def test_property_random_shapes(backend, case):
+    """Every op above on random small shapes, in float64."""
+    case, layout = case
+    dtype = torch.float64
+    check_radix_pool(backend, dtype, layout, case)
+    check_attention_sum(backend, dtype, layout, case)
+    check_radix_softmax(backend, dtype, case)
+    B, _, _, _, H, W = case
+    if B * H * W > 1:
+        check_channel_stats(backend, dtype, layout, case)
 
 
 # (B, radix, cardinality, groups, C, inter, H, W, bn0 batch stats, bn1 batch stats, relu, biases):
