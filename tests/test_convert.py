@@ -9,7 +9,7 @@ from torch import nn
 
 import splat
 from splat.convert import ConversionReport, convert
-from tests.helpers import DEVICE, LAYOUTS, rand, randomize_bn
+from tests.helpers import DEVICE, LAYOUTS, backend_params, rand, randomize_bn
 from tests.reference import res2net as ref_res2net
 from tests.reference.sk import SelectiveKernel, SKConv
 from tests.reference.splat import SplAtConv2d, SplitAttn
@@ -164,6 +164,48 @@ def test_compile_fullgraph_after_convert():
     exp_out, exp_dx, _ = run(eager, x)
     torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+
+
+def _ddp_rank(rank, world, init_file, backend):
+    """One rank of test_distributed_data_parallel."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _ddp_step(rank, world, backend)  # a failure ends this process, and spawn stops the others
+    # Every rank done, and its DDP objects freed, before the group goes: else a rank can hang.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _ddp_step(rank, world, backend):
+    """On DEVICE, each rank its own batch: the DDP gradients must be the mean over ranks of the
+    unconverted model's, and an SGD step must leave the ranks equal."""
+    torch.manual_seed(0)  # the same initial model on every rank
+    original = small_net().to(DEVICE, torch.float64)
+    model = convert(copy.deepcopy(original), backend=backend)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batches = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)).to(DEVICE)
+               for r in range(world)]
+    ddp(batches[rank]).square().mean().backward()
+    expected = {name: torch.zeros_like(p) for name, p in original.named_parameters()}
+    for batch in batches:
+        local = copy.deepcopy(original)  # each rank's BNs see only that rank's batch
+        local(batch).square().mean().backward()
+        for name, p in local.named_parameters():
+            expected[name] += p.grad / world
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {name}")
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    first = weights.clone()
+    torch.distributed.broadcast(first, src=0)  # gloo broadcasts CUDA tensors too, not all_gather
+    assert torch.equal(weights, first), f"rank {rank}: weights differ from rank 0's after a step"
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("backend", backend_params())
+def test_distributed_data_parallel(backend, tmp_path):
+    """The converted model under DistributedDataParallel: two processes over gloo (on one GPU, both
+    ranks share it)."""
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), backend), nprocs=2)
 
 
 TIMM_MODELS = ["resnest14d", "resnest50d_4s2x40d", "res2net50_26w_4s", "skresnext50_32x4d", "skresnet18"]
