@@ -122,6 +122,37 @@ def compare_random_block(block, from_module, shape, layout, train):
     compare_modules(ref, from_module(copy.deepcopy(ref)), rand(*shape, layout=layout), torch.float64)
 
 
+CUDA_GRAPH_WARMUP = 3
+
+
+def cuda_graph_step(module, x):
+    """``module(x).sum().backward()`` captured in a CUDA graph, after CUDA_GRAPH_WARMUP eager steps on
+    a side stream (Triton compiles, the allocator fills). x (a CUDA leaf) is the graph's input; returns
+    replay(x_new), which copies x_new into x, replays and returns the output; the gradients land in
+    x.grad and the parameters' .grad."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(CUDA_GRAPH_WARMUP):
+            module(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = module(x)
+        out.sum().backward()
+
+    def replay(x_new):
+        with torch.no_grad():
+            x.copy_(x_new)
+        graph.replay()
+        torch.cuda.synchronize()
+        return out
+
+    return replay
+
+
 def check_rejects_bad_input(module, in_channels):
     """The input checks every fused block makes (``module`` in training mode, on DEVICE, float32)."""
     x = rand(2, in_channels, 5, 5, dtype=torch.float32)

@@ -5,7 +5,7 @@ import torch
 
 import splat
 from splat import ops
-from tests.helpers import DEVICE, backend_params, rand
+from tests.helpers import DEVICE, backend_params, cuda_graph_step, rand
 from tests.reference import SplAtConv2d
 from tests.test_ops import expected_attention_sum, expected_pool
 
@@ -104,22 +104,9 @@ def test_cuda_graph_capture_and_replay(backend):
     ref.eval()
     fused.eval()
     x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile and allocate outside the capture
-            fused(x).sum().backward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        out = fused(x)
-        out.sum().backward()
+    replay = cuda_graph_step(fused, x)
     x_new = torch.randn_like(x)
-    with torch.no_grad():
-        x.copy_(x_new)
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replay(x_new)
     x_ref = x_new.clone().requires_grad_()
     expected = ref(x_ref)
     expected.sum().backward()
