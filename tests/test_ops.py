@@ -261,9 +261,9 @@ def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
 
     monkeypatch.setattr(_tiles, "programs_wanted", lambda device: wanted)
     case = (2, 2, 1, 6, 57, 55)  # NCHW: 4 tiles of 1024 pixels, the last one partial
-    test_radix_pool("triton", torch.float64, layout, case)
-    test_attention_sum("triton", torch.float64, layout, case)
-    test_channel_stats("triton", torch.float64, layout, case)
+    check_radix_pool("triton", torch.float64, layout, case)
+    check_attention_sum("triton", torch.float64, layout, case)
+    check_channel_stats("triton", torch.float64, layout, case)
     test_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
 
 
