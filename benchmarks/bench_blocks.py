@@ -10,6 +10,9 @@ stage of the published models it times, at batch 64:
   (same weights), for every available backend (torch, triton, cuda);
 - ``conv``     the block's convolutions alone, so that "block - conv" (the *tail*: BN, ReLU,
   pooling, attention, ...) is visible;
+- ``conv-fused``, ``conv-cat``  where the fused module convolves otherwise, its convolution alone
+  and an alternative (SK: its M branch convs as one conv, each branch's kernel zero-padded to the
+  largest footprint; and the reference's M convs with their outputs copied into one buffer);
 
 in float32 and bfloat16 (``torch.autocast("cuda", torch.bfloat16)`` over float32 parameters,
 as mixed-precision training runs), NCHW and channels_last (input and module), forward and
@@ -108,6 +111,12 @@ class Family:
     build_ref: Callable  # Config -> reference nn.Module (float32, CPU)
     conv_parts: Callable  # (ref, x) -> [(module, input)] : the block's convolutions alone
     ops: bool = False  # time the split-attention ops on these shapes
+    # (ref, fused module) -> {impl: x -> conv output}: convolutions alone other than the reference's
+    conv_variants: Callable | None = None
+
+
+# Records of convolutions alone: baselines, not implementations of the block.
+CONVS = ("conv", "conv-fused", "conv-cat")
 
 
 def _splat_configs():
@@ -198,10 +207,19 @@ def _sk_convs(ref, x):
     return [(p.conv, x) for p in ref.paths]
 
 
+def _sk_conv_variants(ref, fused):
+    """What the zero-padded taps of FusedSKConv's one conv cost against M convs and a copy."""
+    def separate_then_cat(x):
+        xs = torch.split(x, ref.in_channels // ref.num_paths, 1) if ref.split_input else [x] * ref.num_paths
+        return torch.cat([p.conv(xi) for p, xi in zip(ref.paths, xs)], 1)
+
+    return {"conv-fused": lambda x: fused._branch_conv(x)[0], "conv-cat": separate_then_cat}
+
+
 FAMILIES = {
     "splat": Family("splat", "FusedSplAtConv2d", _splat_configs(), _build_splat, lambda ref, x: [(ref.conv, x)], True),
     "res2net": Family("res2net", "FusedBottle2neck", _res2net_configs(), _build_res2net, _res2net_convs),
-    "sk": Family("sk", "FusedSKConv", _sk_configs(), _build_sk, _sk_convs),
+    "sk": Family("sk", "FusedSKConv", _sk_configs(), _build_sk, _sk_convs, conv_variants=_sk_conv_variants),
 }
 
 
@@ -498,6 +516,15 @@ class Bench:
             for mode in self.args.modes:
                 ms = self.timer(self.conv_step(parts, grads, mode, dtype), grad_to_none=leaves)
                 self.record(fam, cfg, dname, lname, mode, "conv", ms)
+            fused = next((m for impl, m in impls.items() if impl != "eager"), None)
+            variants = fam.conv_variants(ref, fused) if fam.conv_variants and fused is not None else {}
+            for impl, conv in variants.items():
+                with autocast(self.device, dtype):
+                    conv_grads = [torch.randn_like(conv(x))]
+                conv_leaves = list(ref.parameters()) + list(fused.parameters()) + [x]
+                for mode in self.args.modes:
+                    ms = self.timer(self.conv_step([(conv, x)], conv_grads, mode, dtype), grad_to_none=conv_leaves)
+                    self.record(fam, cfg, dname, lname, mode, impl, ms)
             if self.want_compile(cfg):
                 self.compile_jobs.append((fam, cfg, dname, lname))
             del impls, ref, x, parts, grads
@@ -684,7 +711,7 @@ class Bench:
         B = self.args.batch
         for r in self.records:
             key = (r["block"], r["config"], r["dtype"], r["layout"], r["mode"])
-            if r["impl"] == "conv" or key not in convs:
+            if r["impl"] in CONVS or key not in convs:
                 continue
             cfg = cfgs[r["config"]]
             tail_ms = r["ms"] - convs[key]
@@ -722,7 +749,7 @@ def impl_order(records):
     for r in records:
         if r["impl"] not in names:
             names.append(r["impl"])
-    first = [n for n in ("conv", "eager", "compile") if n in names]
+    first = [n for n in (*CONVS, "eager", "compile") if n in names]
     return first + sorted(n for n in names if n not in first)
 
 
@@ -741,7 +768,7 @@ def geomeans(records):
         if "eager" not in by_impl:
             continue
         for impl, ms in by_impl.items():
-            if impl not in ("eager", "conv"):
+            if impl not in ("eager", *CONVS):
                 acc.setdefault((block, dtype, layout, mode), {}).setdefault(impl, []).append(by_impl["eager"] / ms)
     return {k: {i: (math.exp(sum(map(math.log, v)) / len(v)), len(v)) for i, v in d.items()} for k, d in acc.items()}
 
@@ -769,7 +796,7 @@ def block_table(records):
             ms = by_impl.get(i)
             if ms is None:
                 cells.append("-")
-            elif eager and i not in ("eager", "conv"):
+            elif eager and i not in ("eager", *CONVS):
                 cells.append(f"{ms:.3f} ({eager / ms:.2f}x)")
             else:
                 cells.append(f"{ms:.3f}")
@@ -780,7 +807,7 @@ def block_table(records):
 def host_table(records):
     """Host milliseconds to issue one step next to the device's: "host/device" above 1 means
     that eager steps run back to back wait on the host's launches."""
-    impls = [i for i in impl_order(records) if i != "conv"]
+    impls = [i for i in impl_order(records) if i not in CONVS]
     rows_d = {}
     for r in records:
         if "host_ms" in r and r["impl"] in impls:
@@ -792,7 +819,7 @@ def host_table(records):
 
 def geomean_table(records):
     gm = geomeans(records)
-    impls = [i for i in impl_order(records) if i not in ("eager", "conv")]
+    impls = [i for i in impl_order(records) if i not in ("eager", *CONVS)]
     header = ["block", "dtype", "layout", "mode"] + impls
     rows = []
     for (block, dtype, layout, mode), d in gm.items():
@@ -850,10 +877,10 @@ def plot(records, path, title):
         print("matplotlib is not importable: no plot written")
         return None
     rows = speedup_rows(records)
-    kind = lambda impl: impl if impl in ("compile", "eager", "conv") else "fused-" + impl.split("-", 1)[-1]  # noqa: E731
+    kind = lambda impl: impl if impl in ("compile", "eager", *CONVS) else "fused-" + impl.split("-", 1)[-1]  # noqa: E731
     kinds = []
     for i in impl_order(records):
-        if i not in ("eager", "conv") and kind(i) not in kinds:
+        if i not in ("eager", *CONVS) and kind(i) not in kinds:
             kinds.append(kind(i))
     combos, configs = [], []
     for (_, config, dtype, layout, _) in rows:
@@ -879,7 +906,7 @@ def plot(records, path, title):
                         if (cfg, d, lay, m) != (config, dtype, layout, mode) or "eager" not in by:
                             continue
                         for impl, ms in by.items():
-                            if impl not in ("eager", "conv") and kind(impl) == k:
+                            if impl not in ("eager", *CONVS) and kind(impl) == k:
                                 xs.append(xi + (ki - (len(kinds) - 1) / 2) * width)
                                 ys.append(by["eager"] / ms)
                 ax.bar(xs, ys, width, label=k)

@@ -31,6 +31,9 @@ def test_quick_run(tmp_path):
     impls = {(r["block"], r["impl"]) for r in doc["records"]}
     for block in ("splat", "res2net", "sk"):
         assert {(block, "eager"), (block, f"{block}-torch"), (block, "conv")} <= impls
+    assert {("sk", "conv-fused"), ("sk", "conv-cat")} <= impls
+    # Convolutions alone are baselines: no speedup column of their own.
+    assert not {"conv-fused", "conv-cat"} & set(bench_blocks.geomean_table(doc["records"])[0])
     assert (tmp_path / "blocks-cpu.md").read_text().startswith("# Block benchmark")
 
 

@@ -159,13 +159,17 @@ class _SelectiveKernelBase(nn.Module):
                 bias = bias.reshape(M, K, C // K).transpose(0, 1).reshape(-1)
         return weight, bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        convs = self._convs()
-        check_input(x, convs[0].weight, self.in_channels)
+    def _branch_conv(self, x: Tensor) -> tuple[Tensor, _Geometry]:
+        """All M branch convolutions as one: y (B, M*C, H', W') in the buffer's channel order."""
         g = self._geometry()
         weight, bias = self._combined_conv(g)
         padding = ((g.extent[0] - 1) // 2, (g.extent[1] - 1) // 2)
-        y = F.conv2d(x, weight, bias, g.stride, padding, 1, g.conv_groups)  # (B, M*C, H', W'): all branches
+        return F.conv2d(x, weight, bias, g.stride, padding, 1, g.conv_groups), g
+
+    def forward(self, x: Tensor) -> Tensor:
+        convs = self._convs()
+        check_input(x, convs[0].weight, self.in_channels)
+        y, g = self._branch_conv(x)
         B, _, H, W = y.shape
         if B == 0:
             return torch.empty(
