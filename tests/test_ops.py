@@ -226,11 +226,7 @@ def split_attention_fn(case, names, backend):
     return fn
 
 
-@pytest.mark.parametrize("case", SPLIT_CASES)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_split_attention(backend, dtype, layout, case):
+def check_split_attention(backend, dtype, layout, case):
     """Values and gradients of every input, through out and the returned batch statistics."""
     inputs = {k: v for k, v in split_attention_inputs(case, dtype, layout).items() if v is not None}
     names = list(inputs)
@@ -250,6 +246,36 @@ def test_split_attention(backend, dtype, layout, case):
     assert out.is_contiguous(memory_format=layout), "the output must keep the input's memory format"
 
 
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_split_attention(backend, dtype, layout, case):
+    check_split_attention(backend, dtype, layout, case)
+
+
+@st.composite
+def split_attention_cases(draw):
+    """A ``SPLIT_CASES`` tuple: any radix, cardinality G and channel order K (C a multiple of both,
+    the MLP width of G), batch statistics where there is more than one value to take them over."""
+    radix, G, K = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2]))
+    C, inter = G * K * draw(st.integers(1, 3)), G * draw(st.integers(1, 4))
+    B, H, W = draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    stats0 = B * H * W > 1 and draw(st.booleans())
+    stats1 = B > 1 and draw(st.booleans())
+    case = (B, radix, G, K, C, inter, H, W, stats0, stats1, draw(st.booleans()), draw(st.booleans()))
+    return case, draw(st.sampled_from(LAYOUTS))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=split_attention_cases())
+def test_split_attention_property(backend, case):
+    """split_attention on random valid configurations, in float64."""
+    case, layout = case
+    check_split_attention(backend, torch.float64, layout, case)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
 @pytest.mark.parametrize("wanted", [1, 1 << 20], ids=["unsplit", "split-most"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
@@ -264,7 +290,7 @@ def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
     check_radix_pool("triton", torch.float64, layout, case)
     check_attention_sum("triton", torch.float64, layout, case)
     check_channel_stats("triton", torch.float64, layout, case)
-    test_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
+    check_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
 
 
 @pytest.mark.parametrize("backend", backend_params())
