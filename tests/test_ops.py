@@ -293,6 +293,22 @@ def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
     check_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_triton_elementwise_tiles_per_program(monkeypatch, layout):
+    """The elementwise passes (attention_sum forward, channel_stats backward, split_attention's dy)
+    with every tile of a map in one program, as on a GPU for maps of more tiles than a grid axis
+    holds (``hw_tiles``)."""
+    from splat.kernels import _tiles
+
+    monkeypatch.setattr(_tiles, "_MAX_GRID_YZ", 1)
+    assert _tiles.hw_tiles(torch.empty(1, 1, 57, 55), 64) == (1, 49)
+    case = (2, 2, 1, 6, 57, 55)
+    check_attention_sum("triton", torch.float64, layout, case)
+    check_channel_stats("triton", torch.float64, layout, case)
+    check_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_attention_sum_promotes_mixed_dtypes(backend):
     """Float32 weights on a lower-precision conv output give a float32 result, as the reference's multiply does."""

@@ -293,6 +293,21 @@ def test_non_contiguous_input(backend):
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_propagates(backend, train):
+    """A NaN pixel spreads as in the reference: over its channels' statistics in training, to the
+    pixels the 3x3 convs reach in eval (a GPU max() instruction would drop it at the ReLUs)."""
+    for name in ("normal-4s", "stage-4s-s2"):
+        ref, fused, inplanes = make_pair(name, backend, train=train)
+        x = rand(2, inplanes, 7, 6)
+        x[0, :, 3, 2] = float("nan")
+        out, exp = fused(x), ref(x)
+        assert exp.isnan().any(), name
+        assert train or not exp.isnan().all(), f"{name}: eval mode should keep the NaN local"
+        torch.testing.assert_close(out.isnan(), exp.isnan(), msg=name)
+
+
 def test_bad_input():
     fused = FusedBottle2neck(16, 4, backend="torch").to(DEVICE)
     check_rejects_bad_input(fused, 16)

@@ -59,3 +59,5 @@ def test_every_kernel_compiles(compiles, arch):
         assert info["max_shared"] <= SHARED_LIMIT[arch], f"{name} needs {info['max_shared']} B of shared memory"
         # Only the compiled kernels show it (the interpreter keeps Python floats in float64).
         assert not info["float_args"], f"{name} takes {info['float_args']} as float32 scalars"
+        # y * scale + shift must round twice, as in torch and the CUDA backend (_tiles.LAUNCH).
+        assert not info["fp_fusion"], f"{name} was compiled with fused multiply-add"

@@ -14,8 +14,8 @@ backward, including the ResNeSt-50 and Res2Net-50 stage shapes the benchmark tim
 
 Usage: ``python tests/triton_aot.py ARCH [DTYPE ...]`` without TRITON_INTERPRET: ARCH 80 or 90,
 the DTYPEs (``bfloat16``, ``float32``, ...) for which the benchmark shapes compile as well. Prints
-one JSON object: per kernel, the variants compiled, the most shared memory one of them needs and
-its floating-point scalar arguments.
+one JSON object: per kernel, the variants compiled, the most shared memory one of them needs, its
+floating-point scalar arguments and whether a variant was compiled with fused multiply-add.
 """
 
 import json
@@ -34,6 +34,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # as float32, so a reciprocal count or an eps given that way costs float64 data its precision.
 FLOAT_SCALARS = ("fp16", "bf16", "fp32", "fp64")
 float_args: dict[str, set[str]] = {}
+# Kernels with a variant compiled with fused multiply-add (every launch should pass _tiles.LAUNCH).
+fp_fusion: set[str] = set()
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
 
@@ -67,6 +69,8 @@ def _install(arch: int) -> dict:
         float_args.setdefault(self.fn.__name__, set()).update(
             name for name, ty in kernel.src.signature.items() if ty in FLOAT_SCALARS
         )
+        if kernel.metadata.enable_fp_fusion:
+            fp_fusion.add(self.fn.__name__)
         return kernel
 
     JITFunction.run = compile_only
@@ -92,10 +96,14 @@ def _tail_ops(B, radix, C, H, W, dtype, layout, groups=1):
     attn = ops.radix_softmax(logits, radix, groups, "triton")
     out = ops.attention_sum(y, scale, shift, attn, radix, "triton", groups=groups)
     (out.to(acc).sum() + gap.to(acc).sum()).backward()
+    if dtype.itemsize == 2:  # autocast: float32 weights, so a float32 out and dout
+        wide = ops.attention_sum(y, scale.detach(), shift.detach(), attn.detach().float(), radix, "triton", groups=groups)
+        wide.sum().backward()
 
 
-def _split_attention(B, radix, C, H, W, dtype, layout, groups=1):
-    """The whole-tail op forward and backward, training statistics (differentiated too), on one shape."""
+def _split_attention(B, radix, C, H, W, dtype, layout, groups=1, stats_grads=(True, True)):
+    """The whole-tail op forward and backward, training statistics (mean and var differentiated
+    where ``stats_grads`` says), on one shape."""
     from splat import ops
 
     y = _empty((B, radix * C, H, W), dtype, layout, requires_grad=True)
@@ -108,7 +116,7 @@ def _split_attention(B, radix, C, H, W, dtype, layout, groups=1):
         bn1=bn1, relu=True, fc2_weight=_empty((radix * C, inter), acc), fc2_bias=None, radix=radix,
         groups=groups, backend="triton",
     )
-    (out.to(acc).sum() + mean0.sum() + var0.sum()).backward()
+    (out.to(acc).sum() + stats_grads[0] * mean0.sum() + stats_grads[1] * var0.sum()).backward()
 
 
 def _blocks(dtype, layout):
@@ -129,6 +137,8 @@ def _blocks(dtype, layout):
         for training in (True, False):
             x = _empty((2, channels, 9, 9), dtype, layout, requires_grad=True)
             block.train(training)(x).sum().backward()
+        with torch.no_grad():  # inference: nothing saved for a backward
+            block(x)
 
 
 def _res2net_chain(B, width, H, stage, dtype, layout):
@@ -155,6 +165,21 @@ def _benchmark_shapes(dtype, layout):
             _res2net_chain(64, width, H, stage, dtype, layout)
 
 
+def _gpu_grids(dtype, layout):
+    """The variants only a GPU's grids reach: H*W split across programs (a GPU wants hundreds of
+    programs, the CPU stand-in 8) and several tiles per program (maps of millions of pixels)."""
+    from splat.kernels import _tiles
+
+    programs_wanted, max_grid = _tiles.programs_wanted, _tiles._MAX_GRID_YZ
+    _tiles.programs_wanted, _tiles._MAX_GRID_YZ = (lambda device: 528), 1
+    try:
+        _tail_ops(2, 2, 12, 40, 40, dtype, layout)
+        _split_attention(2, 2, 12, 40, 40, dtype, layout, stats_grads=(True, False))
+        _split_attention(2, 2, 12, 40, 40, dtype, layout, stats_grads=(False, True))
+    finally:
+        _tiles.programs_wanted, _tiles._MAX_GRID_YZ = programs_wanted, max_grid
+
+
 def main(arch: int, benchmark_dtypes: tuple) -> int:
     compiled = _install(arch)
     for dtype in DTYPES:
@@ -162,11 +187,13 @@ def main(arch: int, benchmark_dtypes: tuple) -> int:
             for radix, groups in ((1, 1), (2, 1), (4, 2)):
                 _tail_ops(3, radix, 12, 5, 7, dtype, layout, groups)
                 _split_attention(3, radix, 12, 5, 7, dtype, layout, groups)
+            _gpu_grids(dtype, layout)
             _blocks(dtype, layout)
             if dtype in benchmark_dtypes:
                 _benchmark_shapes(dtype, layout)
     summary = {
-        name: {"variants": len(k), "max_shared": max(k.values()), "float_args": sorted(float_args[name])}
+        name: {"variants": len(k), "max_shared": max(k.values()), "float_args": sorted(float_args[name]),
+               "fp_fusion": name in fp_fusion}
         for name, k in sorted(compiled.items())
     }
     print(json.dumps(summary))

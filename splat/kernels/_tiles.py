@@ -17,6 +17,14 @@ from splat import _layout
 # ~4K elements a tile keeps 16-32 elements in flight per thread at 4 warps.
 _TILE_ELEMS = 4096
 
+# Compile options of every splat launch. No fused multiply-add: y * scale + shift rounds after
+# the product and after the sum, as torch and the CUDA backend compute it, so that the ReLU masks
+# (pre > 0) of all backends agree where pre is within a rounding of zero.
+LAUNCH = {"enable_fp_fusion": False}
+
+# CUDA grids hold at most 65535 programs along axes 1 and 2.
+_MAX_GRID_YZ = 65535
+
 
 def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_HW) for ``y`` (B, *, H, W) with ``channels`` channels a program may cover.
@@ -60,6 +68,15 @@ def hw_splits(y, programs: int, block_hw: int) -> tuple[int, int]:
     return triton.cdiv(tiles, per_split), per_split * block_hw
 
 
+def hw_tiles(y, block_hw: int) -> tuple[int, int]:
+    """(programs, tiles per program) along grid axis 2 for an elementwise pass over y's H*W in
+    tiles of ``block_hw`` pixels: one tile a program, unless the map has more tiles than axis 2
+    may hold programs (a map of millions of pixels)."""
+    tiles = max(1, triton.cdiv(y.shape[2] * y.shape[3], block_hw))
+    per_program = triton.cdiv(tiles, _MAX_GRID_YZ)
+    return triton.cdiv(tiles, per_program), per_program
+
+
 def strides(t) -> tuple[int, int, int]:
     """(stride_b, stride_c, stride_hw) of a dense 4-D tensor."""
     return t.stride(0), t.stride(1), _layout.hw_stride(t)
@@ -84,11 +101,21 @@ def hw_chunk(CHUNK, HW):
 
 
 @triton.jit
-def bn_relu(v, scale, shift):
-    """relu(v * scale + shift) with per-row (channel) scale and shift, and its ``> 0`` mask.
+def hw_tile(t, TILES, BLOCK_HW: tl.constexpr):
+    """Pixel indices of tile ``t`` of this program's ``TILES`` along grid axis 2 (see ``hw_tiles``);
+    64-bit, for maps of more than 2**31 pixels."""
+    return (tl.program_id(2).to(tl.int64) * TILES + t) * BLOCK_HW + tl.arange(0, BLOCK_HW)
 
-    NaN passes through the ReLU as in torch.relu (``pre <= 0`` is false for NaN), while the
-    gradient mask is ``pre > 0`` as in torch's ReLU backward.
-    """
+
+@triton.jit
+def relu(x):
+    """max(x, 0) with NaN passed through, as torch.relu (the GPU's max instruction drops NaN)."""
+    return tl.where(x <= 0, 0.0, x)
+
+
+@triton.jit
+def bn_relu(v, scale, shift):
+    """relu(v * scale + shift) with per-row (channel) scale and shift, and its ``> 0`` mask, the
+    gradient mask of torch's ReLU backward."""
     pre = v * scale[:, None] + shift[:, None]
-    return tl.where(pre <= 0, 0.0, pre), pre > 0
+    return relu(pre), pre > 0

@@ -13,34 +13,37 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import bn_relu, hw_chunk, hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import (
+    LAUNCH, bn_relu, hw_chunk, hw_splits, hw_tile, hw_tiles, strides, tile_offsets, tile_shape,
+)
 
 
 @triton.jit
 def _attention_sum_forward_kernel(
     y_ptr, scale_ptr, shift_ptr, attn_ptr, out_ptr,
-    C, HW, R, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    C, HW, R, CG, TILES, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     k = c // CG
     c0 = k * (R * CG) + (c - k * CG)
-    mask = c_mask[:, None] & (hw < HW)[None, :]
-    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=scale_ptr.dtype.element_ty)
-    for r in range(R):
-        ch = c0 + r * CG
-        scale = tl.load(scale_ptr + ch, mask=c_mask)
-        shift = tl.load(shift_ptr + ch, mask=c_mask)
-        a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc.dtype)
-        offs = tile_offsets(b, ch, hw, stride_yb, stride_yc, stride_yhw)
-        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
-        act, _ = bn_relu(v, scale, shift)
-        acc += a[:, None] * act
-    out_offs = tile_offsets(b, c, hw, stride_ob, stride_oc, stride_ohw)
-    tl.store(out_ptr + out_offs, acc, mask=mask)
+    for t in range(TILES):
+        hw = hw_tile(t, TILES, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=scale_ptr.dtype.element_ty)
+        for r in range(R):
+            ch = c0 + r * CG
+            scale = tl.load(scale_ptr + ch, mask=c_mask)
+            shift = tl.load(shift_ptr + ch, mask=c_mask)
+            a = tl.load(attn_ptr + b * C * R + ch, mask=c_mask, other=0.0).to(acc.dtype)
+            offs = tile_offsets(b, ch, hw, stride_yb, stride_yc, stride_yhw)
+            v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc.dtype)
+            act, _ = bn_relu(v, scale, shift)
+            acc += a[:, None] * act
+        out_offs = tile_offsets(b, c, hw, stride_ob, stride_oc, stride_ohw)
+        tl.store(out_ptr + out_offs, acc, mask=mask)
 
 
 @triton.jit
@@ -108,10 +111,10 @@ def attention_sum_forward(y, scale, shift, attn, radix, groups):
     if B == 0:
         return out
     block_c, block_hw = tile_shape(y, C, reduce_hw=False)
-    grid = (B, triton.cdiv(C, block_c), triton.cdiv(H * W, block_hw))
-    _attention_sum_forward_kernel[grid](
-        y, scale, shift, attn, out, C, H * W, radix, C // groups, *strides(y), *strides(out),
-        BLOCK_C=block_c, BLOCK_HW=block_hw,
+    programs, tiles = hw_tiles(y, block_hw)
+    _attention_sum_forward_kernel[(B, triton.cdiv(C, block_c), programs)](
+        y, scale, shift, attn, out, C, H * W, radix, C // groups, tiles, *strides(y), *strides(out),
+        BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
     )
     return out
 
@@ -136,7 +139,7 @@ def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_su
         _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c), splits)](
             dout, y, scale, shift, attn, y if dy is None else dy, partial_scale, partial_shift, dattn,
             *sums, C, H * W, chunk, radix, C // groups, *strides(y), *strides(dout),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums, **LAUNCH,
         )
     per_row = (dattn, *sums) if mask_sums else (dattn,)
     if splits > 1:

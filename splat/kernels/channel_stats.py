@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import hw_chunk, hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import LAUNCH, hw_chunk, hw_splits, hw_tile, hw_tiles, strides, tile_offsets, tile_shape
 
 _MERGE_BLOCK_R = 16
 _MERGE_BLOCK_C = 64
@@ -85,21 +85,22 @@ def _channel_stats_merge_kernel(
 
 @triton.jit
 def _channel_stats_backward_kernel(
-    dmean_ptr, dvar_ptr, y_ptr, mean_ptr, dy_ptr, C, HW, N, stride_yb, stride_yc, stride_yhw,
+    dmean_ptr, dvar_ptr, y_ptr, mean_ptr, dy_ptr, C, HW, N, TILES, stride_yb, stride_yc, stride_yhw,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
-    mask = c_mask[:, None] & (hw < HW)[None, :]
     dmean = tl.load(dmean_ptr + c, mask=c_mask) / N
     dvar = tl.load(dvar_ptr + c, mask=c_mask) / N
     mean = tl.load(mean_ptr + c, mask=c_mask)
-    offs = tile_offsets(b, c, hw, stride_yb, stride_yc, stride_yhw)
-    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
-    dy = dmean[:, None] + 2.0 * dvar[:, None] * (v - mean[:, None])
-    tl.store(dy_ptr + offs, dy, mask=mask)
+    for t in range(TILES):
+        hw = hw_tile(t, TILES, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        offs = tile_offsets(b, c, hw, stride_yb, stride_yc, stride_yhw)
+        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
+        dy = dmean[:, None] + 2.0 * dvar[:, None] * (v - mean[:, None])
+        tl.store(dy_ptr + offs, dy, mask=mask)
 
 
 def channel_stats_forward(y):
@@ -114,11 +115,11 @@ def channel_stats_forward(y):
     if B > 0:
         _channel_stats_forward_kernel[(B, triton.cdiv(C, block_c), splits)](
             y, partial_mean, partial_m2, C, H * W, chunk, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
         )
     _channel_stats_merge_kernel[(triton.cdiv(C, _MERGE_BLOCK_C),)](
         partial_mean, partial_m2, mean, var, B * splits, splits, C, H * W, chunk, B * H * W,
-        BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=_MERGE_BLOCK_C,
+        BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=_MERGE_BLOCK_C, **LAUNCH,
     )
     return mean, var
 
@@ -129,9 +130,9 @@ def channel_stats_backward(dmean, dvar, y, mean):
     dy = _layout.empty(y.shape, y)
     if B > 0:
         block_c, block_hw = tile_shape(y, C, reduce_hw=False)
-        grid = (B, triton.cdiv(C, block_c), triton.cdiv(H * W, block_hw))
-        _channel_stats_backward_kernel[grid](
-            dmean, dvar, y, mean, dy, C, H * W, B * H * W, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+        programs, tiles = hw_tiles(y, block_hw)
+        _channel_stats_backward_kernel[(B, triton.cdiv(C, block_c), programs)](
+            dmean, dvar, y, mean, dy, C, H * W, B * H * W, tiles, *strides(y),
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
         )
     return dy

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
+from splat.kernels._tiles import LAUNCH, relu
 from splat.ops.res2net_chain import output_size
 
 # Split-K of the weight gradient: output pixels each split reduces (at least), and most splits.
@@ -168,7 +169,7 @@ def _conv_forward_kernel(
     if EPILOGUE:
         scale = tl.load(scale_ptr + co, mask=n_mask, other=0.0)
         shift = tl.load(shift_ptr + co, mask=n_mask, other=0.0)
-        act = tl.maximum(v * scale[None, :] + shift[None, :], 0.0)
+        act = relu(v * scale[None, :] + shift[None, :])
         tl.store(out_ptr + _offsets(b, oh, ow, co, sob, soc, soh, sow), act, mask=mask)
 
 
@@ -196,7 +197,7 @@ def _bn_relu_kernel(
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     v = tl.load(y_ptr + _offsets(b, oh, ow, c, syb, syc, syh, syw), mask=mask, other=0.0).to(scale.dtype)
-    act = tl.maximum(v * scale[None, :] + shift[None, :], 0.0)
+    act = relu(v * scale[None, :] + shift[None, :])
     tl.store(out_ptr + _offsets(b, oh, ow, c, sob, soc, soh, sow), act, mask=mask)
 
 
@@ -445,7 +446,8 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
             M, H, W, Ho, Wo, cin_g, cin_g, ch.stop - ch.start, n_tiles, stride, dilation, pass_c,
             *xs.stride(), *prev.stride(), *ys.stride(), *os_.stride(),
             ADD=add, SAVE_Y=batch_stats or save_y, STATS=batch_stats, EPILOGUE=not batch_stats,
-            PASS=passes and not batch_stats, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot,
+            PASS=passes and not batch_stats, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            **dot, **LAUNCH,
         )
         if not batch_stats:
             continue
@@ -462,7 +464,7 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
         _bn_relu_kernel[grid](
             ys, os_, sc, sh, last, last_out, M, ch.stop - ch.start, H, W, Ho, Wo, stride, pass_c,
             *ys.stride(), *os_.stride(), *last.stride(),
-            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n,
+            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n, **LAUNCH,
         )
     if not save_y and y.dim() == 4:
         y = x.new_empty(0)
@@ -509,13 +511,14 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         grid = (n_m, triton.cdiv(c, ew_n))
         _bn_backward_reduce_kernel[grid](
             *args, pdbeta, pdgamma, M, c, Ho * Wo, Wo, *strides, HAS_CARRY=has_carry, BLOCK_M=ew_m, BLOCK_N=ew_n,
+            **LAUNCH,
         )
         dbeta[ch] = pdbeta.sum(0)
         dgamma[ch] = pdgamma.sum(0)
         dy = _layout.empty((B, c, Ho, Wo), out)
         _bn_backward_dy_kernel[grid](
             *args, g[ch], dbeta[ch] / M, dgamma[ch] / M, dy, M, c, Ho * Wo, Wo, *strides, *dy.stride(),
-            HAS_CARRY=has_carry, BATCH_STATS=batch_stats, BLOCK_M=ew_m, BLOCK_N=ew_n,
+            HAS_CARRY=has_carry, BATCH_STATS=batch_stats, BLOCK_M=ew_m, BLOCK_N=ew_n, **LAUNCH,
         )
         block_m, block_n, block_k = _gemm_blocks(x.dtype, cin_g, cin_g)
         n_tiles = triton.cdiv(cin_g, block_n)
@@ -527,7 +530,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _conv_dgrad_kernel[grid](
             dy, weight[ch], dxs, dlast, dxlast, m_in, H, W, Ho, Wo, cin_g, cin_g, n_groups, n_tiles, stride,
             dilation, pass_c, *dy.stride(), *dxs.stride(), *dlast.stride(),
-            PASS=passes, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot,
+            PASS=passes, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot, **LAUNCH,
         )
         prev = out[:, ch.start - width:ch.start] if add else xs
         wm, wn, wk = _wgrad_blocks(x.dtype, cin_g)
@@ -540,7 +543,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _conv_wgrad_kernel[(m_tiles * triton.cdiv(cin_g * 9, wn), n_groups, splits)](
             dy, xs, prev, ws, M, H, W, Ho, Wo, cin_g, cin_g, c, m_tiles, pix, stride, dilation,
             *dy.stride(), *xs.stride(), *prev.stride(),
-            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot,
+            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot, **LAUNCH,
         )
         dweight[ch] = ws.sum(0).to(weight.dtype)
     return dx, dweight, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import strides, tile_offsets, tile_shape
+from splat.kernels._tiles import LAUNCH, hw_tile, hw_tiles, strides, tile_offsets, tile_shape
 from splat.kernels.attention_sum import backward_reduce
 
 _COEF_BLOCK_B = 16
@@ -28,7 +28,7 @@ _COEF_BLOCK_C = 64
 def _split_attention_coefficients_kernel(
     dgap_ptr, sum_my_ptr, sum_m_ptr, dscale_ptr, dshift_ptr, scale_ptr, mean_ptr, rstd_ptr, dmean_ptr, dvar_ptr,
     gamma_ptr, delta_ptr, dweight_ptr, dbias_ptr,
-    B, C, RC, RCG, CG, HW,
+    B, C, RC, RCG, CG, HW, N,  # N = B * HW from the host: an int32 product in the kernel could overflow
     BATCH_STATS: tl.constexpr, HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -53,17 +53,16 @@ def _split_attention_coefficients_kernel(
     dshift = tl.load(dshift_ptr + ch, mask=c_mask, other=0.0) + tl.sum(acc_m, axis=0) / pixels
     dweight = dscale
     if BATCH_STATS:
-        n = B * HW
         scale = tl.load(scale_ptr + ch, mask=c_mask, other=0.0)
         mean = tl.load(mean_ptr + ch, mask=c_mask, other=0.0)
         rstd = tl.load(rstd_ptr + ch, mask=c_mask, other=0.0)
         dweight = (dscale - dshift * mean) * rstd
-        delta = -(dweight * scale * rstd) / n
+        delta = -(dweight * scale * rstd) / N
         if HAS_DVAR:
-            delta += 2 * tl.load(dvar_ptr + ch, mask=c_mask, other=0.0) / n
-        gamma = -(dshift * scale) / n - delta * mean
+            delta += 2 * tl.load(dvar_ptr + ch, mask=c_mask, other=0.0) / N
+        gamma = -(dshift * scale) / N - delta * mean
         if HAS_DMEAN:
-            gamma += tl.load(dmean_ptr + ch, mask=c_mask, other=0.0) / n
+            gamma += tl.load(dmean_ptr + ch, mask=c_mask, other=0.0) / N
         tl.store(gamma_ptr + ch, gamma, mask=c_mask)
         tl.store(delta_ptr + ch, delta, mask=c_mask)
     tl.store(dweight_ptr + ch, dweight, mask=c_mask)
@@ -73,30 +72,32 @@ def _split_attention_coefficients_kernel(
 @triton.jit
 def _split_attention_backward_dy_kernel(
     dout_ptr, y_ptr, scale_ptr, shift_ptr, attn_ptr, dgap_ptr, gamma_ptr, delta_ptr, dy_ptr,
-    RC, C, HW, RCG, CG, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
+    RC, C, HW, RCG, CG, TILES, stride_yb, stride_yc, stride_yhw, stride_ob, stride_oc, stride_ohw,
     BATCH_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = ch < RC
-    mask = c_mask[:, None] & (hw < HW)[None, :]
     c = (ch // RCG) * CG + ch % CG
     acc_dtype = scale_ptr.dtype.element_ty
     scale = tl.load(scale_ptr + ch, mask=c_mask)
     shift = tl.load(shift_ptr + ch, mask=c_mask)
     alpha = scale * tl.load(attn_ptr + b * RC + ch, mask=c_mask)
     beta = scale * (tl.load(dgap_ptr + b * C + c, mask=c_mask) / HW)
-    offs = tile_offsets(b, ch, hw, stride_yb, stride_yc, stride_yhw)
-    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
-    d = tl.load(dout_ptr + tile_offsets(b, c, hw, stride_ob, stride_oc, stride_ohw), mask=mask, other=0.0)
-    pos = v * scale[:, None] + shift[:, None] > 0
-    dy = tl.where(pos, alpha[:, None] * d.to(acc_dtype) + beta[:, None], 0.0)
     if BATCH_STATS:
         gamma = tl.load(gamma_ptr + ch, mask=c_mask)
         delta = tl.load(delta_ptr + ch, mask=c_mask)
-        dy += gamma[:, None] + delta[:, None] * v
-    tl.store(dy_ptr + offs, dy, mask=mask)
+    for t in range(TILES):
+        hw = hw_tile(t, TILES, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        offs = tile_offsets(b, ch, hw, stride_yb, stride_yc, stride_yhw)
+        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
+        d = tl.load(dout_ptr + tile_offsets(b, c, hw, stride_ob, stride_oc, stride_ohw), mask=mask, other=0.0)
+        pos = v * scale[:, None] + shift[:, None] > 0
+        dy = tl.where(pos, alpha[:, None] * d.to(acc_dtype) + beta[:, None], 0.0)
+        if BATCH_STATS:
+            dy += gamma[:, None] + delta[:, None] * v
+        tl.store(dy_ptr + offs, dy, mask=mask)
 
 
 def split_attention_backward_sums(dout, y, scale, shift, attn, radix, groups):
@@ -126,16 +127,16 @@ def split_attention_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshif
     _split_attention_coefficients_kernel[(triton.cdiv(RC, _COEF_BLOCK_C),)](
         dgap, sum_my, sum_m, dscale, dshift, scale, mean if batch_stats else scale, rstd if batch_stats else scale,
         scale if dmean is None else dmean, scale if dvar is None else dvar, gamma, delta, dweight, dbias,
-        B, C, RC, radix * cg, cg, H * W,
+        B, C, RC, radix * cg, cg, H * W, B * H * W,
         BATCH_STATS=batch_stats, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
-        BLOCK_B=_COEF_BLOCK_B, BLOCK_C=_COEF_BLOCK_C,
+        BLOCK_B=_COEF_BLOCK_B, BLOCK_C=_COEF_BLOCK_C, **LAUNCH,
     )
     if B > 0:
         block_c, block_hw = tile_shape(y, RC, reduce_hw=False)
-        grid = (B, triton.cdiv(RC, block_c), triton.cdiv(H * W, block_hw))
-        _split_attention_backward_dy_kernel[grid](
+        programs, tiles = hw_tiles(y, block_hw)
+        _split_attention_backward_dy_kernel[(B, triton.cdiv(RC, block_c), programs)](
             dout, y, scale, shift, attn, dgap, gamma, delta, dy,
-            RC, C, H * W, radix * cg, cg, *strides(y), *strides(dout),
-            BATCH_STATS=batch_stats, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            RC, C, H * W, radix * cg, cg, tiles, *strides(y), *strides(dout),
+            BATCH_STATS=batch_stats, BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
         )
     return dy, dweight, dbias
