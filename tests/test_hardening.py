@@ -28,6 +28,32 @@ def test_float16_near_top_of_range(backend):
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_relu_mask_where_pre_rounds_to_zero(backend):
+    """Where y * scale + shift is exactly 0 as torch rounds it (shift = -fl(y * scale)), the ReLU's
+    gradient mask is 0. A fused multiply-add would get the product's rounding error instead, a
+    mask of 1 at about half of those pixels, and gradients where the reference has none."""
+    y = rand(4, 16, 3, 3, dtype=torch.float32)
+    scale = torch.rand(16, device=DEVICE) + 0.5
+    shift = -(y[0, :, 1, 1] * scale)
+    assert (y[0, :, 1, 1] * scale + shift == 0).all()
+    fused = y[0, :, 1, 1].double() * scale.double() + shift.double()  # what an FMA computes, then rounds
+    assert (fused > 0).any(), "no pixel where a fused multiply-add would flip the mask"
+    dout = rand(4, 8, 3, 3, dtype=torch.float32)
+    attn = torch.rand(4, 16, device=DEVICE)
+    for name, fn in {
+        "radix_pool": lambda y, be: ops.radix_pool(y, scale, shift, 2, be).sum(),
+        "attention_sum": lambda y, be: (ops.attention_sum(y, scale, shift, attn, 2, be) * dout).sum(),
+    }.items():
+        dy = {}
+        for be in (backend, "torch"):
+            leaf = y.detach().requires_grad_()
+            fn(leaf, be).backward()
+            dy[be] = leaf.grad[0, :, 1, 1]
+        assert (dy["torch"] == 0).all(), name
+        torch.testing.assert_close(dy[backend], dy["torch"], rtol=0, atol=0, msg=name)
+
+
 # Tensors of several GB: one at a time when gpu_check.sh runs the suite on parallel workers.
 GIANT = pytest.mark.xdist_group("giant-tensors")
 
