@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import splat
 from splat import _layout
@@ -24,6 +25,11 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 # MLP are ill-conditioned (the reference itself is off by ~1e-4 in float32 there).
 FLOOR = {torch.float32: 1e-4, torch.float16: 4 * torch.finfo(torch.float16).eps,
          torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps}
+
+
+# Property tests: a few examples each (the interpreter is slow), no per-example deadline, and the
+# backend parametrised as a fixture-like argument.
+PROPERTY = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def backend_params(backends=None):

@@ -6,11 +6,11 @@ ops' own backward formulas.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from splat import ops
-from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, rand
+from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, rand
 
 # (B, radix, cardinality, C, H, W): odd channels, 1x1 maps, radix 1, H*W beyond one tile
 # (tails in both layouts), more channels than one NHWC tile.
@@ -140,7 +140,7 @@ def op_cases(draw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@PROPERTY
 @given(case=op_cases())
 def test_property_random_shapes(backend, case):
     """Every op above on random small shapes, in float64."""
@@ -268,7 +268,7 @@ def split_attention_cases(draw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@PROPERTY
 @given(case=split_attention_cases())
 def test_split_attention_property(backend, case):
     """split_attention on random valid configurations, in float64."""

@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,7 +17,7 @@ import splat
 from splat.modules.res2net import FusedBottle2neck
 from splat.ops.res2net_chain import res2net_chain
 from tests.helpers import (
-    BACKENDS, DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules,
+    BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules,
     compare_random_block, rand, randomize_bn, run_module,
 )
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
@@ -373,7 +373,7 @@ def res2net_blocks(draw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@PROPERTY
 @given(case=res2net_blocks())
 def test_property_random_blocks(backend, case):
     block, shape, layout, train = case

@@ -7,14 +7,14 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
 from splat.ops import attention_sum, radix_pool
 from tests.helpers import (
-    DEVICE, DTYPES, LAYOUTS, assert_close, backend_params, check_rejects_bad_input, compare_modules,
+    DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, check_rejects_bad_input, compare_modules,
     compare_random_block, rand, randomize_bn, run_module,
 )
 from tests.reference.sk import SelectiveKernel, SKConv
@@ -268,7 +268,7 @@ def sk_blocks(draw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@PROPERTY
 @given(case=sk_blocks())
 def test_property_random_blocks(backend, case):
     block, shape, layout, train = case

@@ -6,13 +6,14 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import splat
 from tests.helpers import (
-    DEVICE, DTYPES, LAYOUTS, backend_params, check_rejects_bad_input, compare_modules, rand, randomize_bn, run_module,
+    DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules, rand,
+    randomize_bn, run_module,
 )
 from tests.reference import SplAtConv2d, SplitAttn
 
@@ -245,7 +246,7 @@ def splat_configs(draw):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(PROPERTY, max_examples=12)
 @given(case=splat_configs())
 def test_property_random_configs(backend, case):
     config, shape, layout, train = case
