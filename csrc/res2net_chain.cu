@@ -33,7 +33,14 @@ struct View {
 
 template <typename T>
 View<T> view_of(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  // libtorch instantiates data_ptr<T> for non-const T only: a const view reads const_data_ptr.
+  T* p;
+  if constexpr (std::is_const_v<T>) {
+    p = t.const_data_ptr<std::remove_const_t<T>>();
+  } else {
+    p = t.mutable_data_ptr<T>();
+  }
+  return {p, t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 // Logical (b, c, h, w) of flat index i over a (B, C, H, W) extent, channels fastest: consecutive
