@@ -3,7 +3,8 @@
 - ``"torch"``: the pure-PyTorch implementation; runs anywhere and is the reference.
 - ``"triton"``: the Triton kernels of ``splat.kernels``; CUDA tensors, or CPU tensors through
   Triton's interpreter when ``TRITON_INTERPRET=1`` was set before splat's kernels were imported.
-- ``"cuda"``: the C++/CUDA kernels of ``csrc/`` (``torch.ops.splat_cuda``); CUDA tensors only.
+- ``"cuda"``: the C++/CUDA kernels of ``csrc/`` (``torch.ops.splat_cuda``); CUDA tensors, or CPU
+  tensors through a CPU emulator of CUDA when ``SPLAT_CUDA_EMULATE=1`` and there is no GPU.
 - ``"auto"``: ``$SPLAT_BACKEND`` if set; else, on CUDA, the backend that ``bench_blocks.py``
   measured fastest for the op and its shape class on this device (``auto_backend.json``, written
   from its results by ``benchmarks/auto_table.py``), Triton where the table has no entry; on CPU, torch.
@@ -45,6 +46,13 @@ def _cuda_status() -> tuple[bool, str]:
     from splat import _cuda
 
     return _cuda.status()
+
+
+@torch.compiler.assume_constant_result
+def _cuda_emulated() -> bool:
+    from splat import _cuda
+
+    return _cuda.emulated()
 
 
 def backends() -> dict[str, tuple[bool, str]]:
@@ -117,8 +125,11 @@ def resolve(backend: str, t: torch.Tensor, op: str) -> str:
                 "tensors when TRITON_INTERPRET=1 is set before splat is imported"
             )
     if backend == "cuda":
-        if not t.is_cuda:
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got a tensor on {t.device}")
+        if not t.is_cuda and not _cuda_emulated():
+            raise RuntimeError(
+                f"backend='cuda' got a tensor on {t.device}: it runs CUDA tensors, or CPU tensors when "
+                "SPLAT_CUDA_EMULATE=1 emulates CUDA"
+            )
         ok, why = _cuda_status()
         if not ok:
             raise RuntimeError(f"backend='cuda' is unavailable: {why}")

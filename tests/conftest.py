@@ -7,8 +7,11 @@ import torch
 
 # Triton reads TRITON_INTERPRET when its kernels are decorated: set it before splat's kernels are
 # imported, so that on a machine without a GPU backend="triton" runs the real kernels on CPU.
+# Likewise backend="cuda" runs the C++/CUDA kernels on CPU tensors, compiled against splat's CUDA
+# emulator (splat/_cuda.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SPLAT_CUDA_EMULATE", "1")
 
 # torch.compile's on-disk cache does not key on a custom op's registered backward
 # (pytorch/pytorch#144344): one written before a change to splat's ops would replay the old

@@ -3,8 +3,9 @@
 Covers every op forward and backward (split_attention's two backward passes as raw ops against
 their references), all dtypes, NCHW and channels_last, odd sizes, tensors whose data is not 16-byte
 aligned (storage offset of one element, so the scalar paths run), a second GPU, gradcheck in
-float64, opcheck of the raw ops, empty batches and input validation. On a machine without CUDA only
-the availability report is tested.
+float64, opcheck of the raw ops, empty batches and input validation. On a machine without CUDA the
+same kernels run on CPU tensors through the CUDA emulator (``SPLAT_CUDA_EMULATE=1``, set by
+tests/conftest.py), which also stops any launch whose barriers or shuffles diverge.
 """
 
 import pytest
@@ -16,6 +17,8 @@ from splat._layout import acc_dtype
 from splat.ops.split_attention import _torch_backward_dy, _torch_backward_sums
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Without a GPU the kernels run on CPU tensors through the CUDA emulator (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def gpu_test(fn):
@@ -50,7 +53,7 @@ CASES = [
 ]
 
 
-def make(shape, dtype, layout="nchw", offset=0, device="cuda", scale=1.0, shift=0.0):
+def make(shape, dtype, layout="nchw", offset=0, device=DEVICE, scale=1.0, shift=0.0):
     """A dense tensor in `layout` whose data starts `offset` elements into its storage."""
     if len(shape) == 4:
         B, C, H, W = shape
@@ -64,7 +67,7 @@ def make(shape, dtype, layout="nchw", offset=0, device="cuda", scale=1.0, shift=
     return base.to(dtype).as_strided(shape, strides, offset)
 
 
-def bn_vectors(channels, dtype, device="cuda"):
+def bn_vectors(channels, dtype, device=DEVICE):
     acc = acc_dtype(dtype)
     sign = torch.where(torch.rand(channels, device=device) < 0.2, -1.0, 1.0)
     scale = ((torch.rand(channels, device=device) + 0.5) * sign).to(acc)
@@ -132,19 +135,17 @@ def compare_split_attention_backward(y, scale, shift, radix, groups, layout, off
             assert_matches(a, e, f"split_attention_backward_dy output {i}, {stats}, {name}")
 
 
-def test_unavailable_without_cuda():
+def test_unavailable_without_cuda_or_emulation(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    ok, why = splat.backends()["cuda"]
-    assert ok is False and isinstance(why, str) and why
-    assert _cuda.status() == (ok, why)
-    with pytest.raises(RuntimeError, match="unavailable"):
-        _cuda.ops()
+    monkeypatch.delenv("SPLAT_CUDA_EMULATE", raising=False)
+    ok, why = _cuda.status.__wrapped__()  # not the cached status of the emulated session
+    assert ok is False and "SPLAT_CUDA_EMULATE=1" in why
     y = torch.randn(2, 8, 3, 3)
     scale, shift = torch.rand(8), torch.rand(8)
-    with pytest.raises(RuntimeError, match="cuda"):
+    with pytest.raises(RuntimeError, match="backend='cuda' got a tensor on cpu"):
         ops.radix_pool(y, scale, shift, 2, backend="cuda")
-    with pytest.raises(RuntimeError, match="cuda"):
+    with pytest.raises(RuntimeError, match="backend='cuda' got a tensor on cpu"):
         ops.channel_stats(y, backend="cuda")
 
 
@@ -154,12 +155,15 @@ def test_available_with_cuda():
     assert ok, f"the cuda backend failed to load on a CUDA machine: {why}"
 
 
-@gpu_test
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
+    check_ops(case, dtype, layout, offset)
+
+
+def check_ops(case, dtype, layout, offset):
     B, R, K, C, H, W = case
     what = f"{case} {dtype} {layout} offset={offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
@@ -195,17 +199,20 @@ GROUP_CASES = [
 ]
 
 
-@gpu_test
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset1"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GROUP_CASES)
 def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
+    check_groups(case, dtype, layout, offset)
+
+
+def check_groups(case, dtype, layout, offset):
     B, R, K, C, H, W = case
     what = f"{case} {dtype} {layout} offset={offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
     scale, shift = bn_vectors(R * C, dtype)
-    attn = torch.rand(B, R * C, device="cuda", dtype=dtype)
+    attn = torch.rand(B, R * C, device=DEVICE, dtype=dtype)
     pool = lambda be, *a: ops.radix_pool(*a, R, backend=be, groups=K)  # noqa: E731
     compare(pool, [y, scale, shift], offset, "radix_pool " + what)
     summed = lambda be, *a: ops.attention_sum(*a, R, backend=be, groups=K)  # noqa: E731
@@ -213,11 +220,22 @@ def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     compare_split_attention_backward(y, scale, shift, R, K, layout, offset, what)
 
 
+@pytest.mark.skipif(not _cuda.emulated(), reason="the order of a block's threads is the CUDA emulator's")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reverse_thread_order(cuda_ops, monkeypatch, layout):
+    """The emulator runs a block's threads between barriers in reverse order: a race on shared
+    memory that the usual order hides (a write after another thread's read) would show here."""
+    monkeypatch.setenv("SPLAT_CUDA_EMULATE_ORDER", "reverse")
+    for case in CASES:
+        check_ops(case.values[0], torch.float32, layout, 0)
+    for case in GROUP_CASES:
+        check_groups(case.values[0], torch.float32, layout, 0)
+
+
 # y's shapes for the mixed-dtype tests: a small map, and NCHW rows cut into chunks (plan_rows).
 MIXED_SHAPES = [pytest.param((2, 32, 9, 9), id="9x9"), pytest.param((1, 8, 181, 367), id="split-rows")]
 
 
-@gpu_test
 @pytest.mark.parametrize("shape", MIXED_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -227,14 +245,13 @@ def test_attention_sum_float32_weights(cuda_ops, dtype, layout, shape):
     y = make(shape, dtype, layout)
     scale, shift = bn_vectors(shape[1], dtype)
     for attn_dtype in (torch.float32, torch.float64):
-        attn = torch.rand(shape[:2], device="cuda", dtype=attn_dtype)
+        attn = torch.rand(shape[:2], device=DEVICE, dtype=attn_dtype)
         for groups in (1, 4):
             fn = lambda be, *a: ops.attention_sum(*a, 2, backend=be, groups=groups)  # noqa: E731
             what = f"attn {attn_dtype} groups={groups}"
             compare(fn, [y, scale, shift, attn], 0, what, min_tol=TOLERANCE[torch.float32])
 
 
-@gpu_test
 @pytest.mark.parametrize("shape", MIXED_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -267,14 +284,13 @@ def test_second_device(cuda_ops):
             compare_split_attention_backward(y, scale, shift, 2, 2, layout, 0, "cuda:1")
 
 
-@gpu_test
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck(cuda_ops, layout):
     B, R, K, C, H, W = 2, 2, 2, 4, 3, 5
     y = make((B, R * C, H, W), torch.float64, layout).requires_grad_()
     scale, shift = (t.requires_grad_() for t in bn_vectors(R * C, torch.float64))
-    attn = torch.rand(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
-    logits = torch.randn(B, R * C, device="cuda", dtype=torch.float64, requires_grad=True)
+    attn = torch.rand(B, R * C, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(B, R * C, device=DEVICE, dtype=torch.float64, requires_grad=True)
     gradcheck = torch.autograd.gradcheck
     for groups in (1, 2):
         assert gradcheck(lambda *a: ops.radix_pool(*a, R, backend="cuda", groups=groups), (y, scale, shift))
@@ -292,11 +308,11 @@ def op_samples(layout, dtype, attn_dtype=None):
     y = make((B, R * C, H, W), dtype, layout)
     scale, shift = bn_vectors(R * C, dtype)
     logits = make((B, R * C), dtype)
-    attn = torch.rand(B, R * C, device="cuda", dtype=attn_dtype or dtype)
+    attn = torch.rand(B, R * C, device=DEVICE, dtype=attn_dtype or dtype)
     out_dtype = torch.promote_types(dtype, attn.dtype)
-    mean = torch.randn(R * C, device="cuda", dtype=acc)
-    rows = [torch.randn(B, n, device="cuda", dtype=acc) for n in (R * C, C, R * C, R * C)]  # attn, dgap, sums
-    vectors = [torch.randn(R * C, device="cuda", dtype=acc) for _ in range(6)]  # dscale, dshift, stats, dstats
+    mean = torch.randn(R * C, device=DEVICE, dtype=acc)
+    rows = [torch.randn(B, n, device=DEVICE, dtype=acc) for n in (R * C, C, R * C, R * C)]  # attn, dgap, sums
+    vectors = [torch.randn(R * C, device=DEVICE, dtype=acc) for _ in range(6)]  # dscale, dshift, stats, dstats
     empty = vectors[0][:0]
     return [
         (sc.radix_pool_forward, (y, scale, shift, R, 1)),
@@ -321,7 +337,6 @@ def op_samples(layout, dtype, attn_dtype=None):
     ]
 
 
-@gpu_test
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(cuda_ops, dtype, layout):
@@ -333,23 +348,22 @@ def test_opcheck(cuda_ops, dtype, layout):
         torch.library.opcheck(op, args)
 
 
-@gpu_test
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_batch(cuda_ops, layout):
     sc = torch.ops.splat_cuda
-    y = torch.empty(0, 16, 4, 4, device="cuda").contiguous(memory_format=LAYOUTS[layout])
+    y = torch.empty(0, 16, 4, 4, device=DEVICE).contiguous(memory_format=LAYOUTS[layout])
     scale, shift = bn_vectors(16, torch.float32)
-    attn = torch.empty(0, 16, device="cuda")
+    attn = torch.empty(0, 16, device=DEVICE)
     assert sc.radix_pool_forward(y, scale, shift, 2, 2).shape == (0, 8)
-    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device="cuda"), y, scale, shift, 2, 2)
+    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device=DEVICE), y, scale, shift, 2, 2)
     assert dy.shape == y.shape and not dscale.any() and not dshift.any()
     assert sc.attention_sum_forward(y, scale, shift, attn, 2, 2).shape == (0, 8, 4, 4)
-    dout = torch.empty(0, 8, 4, 4, device="cuda")
+    dout = torch.empty(0, 8, 4, 4, device=DEVICE)
     dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2, 2)
     assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
     dscale, dshift, dattn, sum_my, sum_m = sc.split_attention_backward_sums(dout, y, scale, shift, attn, 2, 2)
     assert dattn.shape == sum_my.shape == sum_m.shape == (0, 16) and not dscale.any() and not dshift.any()
-    dgap = torch.empty(0, 8, device="cuda")
+    dgap = torch.empty(0, 8, device=DEVICE)
     dy, dweight, dbias = sc.split_attention_backward_dy(
         dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, scale[:0], scale[:0], None, None, 2, 2
     )
@@ -360,14 +374,13 @@ def test_empty_batch(cuda_ops, layout):
     assert sc.channel_stats_backward(mean, var, y, mean).shape == y.shape
 
 
-@gpu_test
 def test_deterministic(cuda_ops):
     """Fixed-order partials: repeated runs agree bitwise, in both layouts."""
     for layout in LAYOUTS:
         y = make((4, 64, 28, 28), torch.float32, layout)
         scale, shift = bn_vectors(64, torch.float32)
         dout = make((4, 32, 28, 28), torch.float32, layout)
-        attn = torch.rand(4, 64, device="cuda")
+        attn = torch.rand(4, 64, device=DEVICE)
         sc = torch.ops.splat_cuda
         for op, args in [
             (sc.attention_sum_backward, (dout, y, scale, shift, attn, 2, 1)),
@@ -382,10 +395,9 @@ def test_deterministic(cuda_ops):
             assert all(torch.equal(a, b) for a, b in zip(first, second)), (op, layout)
 
 
-@gpu_test
 def test_invalid_inputs(cuda_ops):
     sc = torch.ops.splat_cuda
-    y = torch.randn(2, 16, 3, 3, device="cuda")
+    y = torch.randn(2, 16, 3, 3, device=DEVICE)
     scale, shift = bn_vectors(16, torch.float32)
     with pytest.raises(RuntimeError, match="radix=3 must divide"):
         sc.radix_pool_forward(y, scale, shift, 3, 1)
@@ -394,22 +406,23 @@ def test_invalid_inputs(cuda_ops):
     with pytest.raises(RuntimeError, match="groups=3 must divide the channels per radix"):
         sc.radix_pool_forward(y, scale, shift, 2, 3)
     with pytest.raises(RuntimeError, match="groups must be positive"):
-        sc.radix_pool_backward(torch.randn(2, 8, device="cuda"), y, scale, shift, 2, 0)
+        sc.radix_pool_backward(torch.randn(2, 8, device=DEVICE), y, scale, shift, 2, 0)
     with pytest.raises(RuntimeError, match="groups=16 must divide"):
-        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 16, device="cuda"), 2, 16)
+        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 16, device=DEVICE), 2, 16)
     with pytest.raises(RuntimeError, match="groups must be positive"):
         sc.attention_sum_backward(
-            torch.randn(2, 8, 3, 3, device="cuda"), y, scale, shift, torch.rand(2, 16, device="cuda"), 2, -1
+            torch.randn(2, 8, 3, 3, device=DEVICE), y, scale, shift, torch.rand(2, 16, device=DEVICE), 2, -1
         )
     with pytest.raises(RuntimeError, match="4-D"):
         sc.channel_stats_forward(y[0])
     with pytest.raises(RuntimeError, match="cardinality=3 must divide"):
-        sc.radix_softmax_forward(torch.randn(2, 16, device="cuda"), 2, 3)
+        sc.radix_softmax_forward(torch.randn(2, 16, device=DEVICE), 2, 3)
     with pytest.raises(RuntimeError, match="attn must have shape"):
-        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device="cuda"), 2, 1)
-    with pytest.raises(RuntimeError, match="is on cpu"):
-        sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device="cuda"), 2, 1)
-    dout, rows = torch.randn(2, 8, 3, 3, device="cuda"), torch.rand(2, 16, device="cuda")
+        sc.attention_sum_forward(y, scale, shift, torch.rand(2, 8, device=DEVICE), 2, 1)
+    if DEVICE == "cuda":
+        with pytest.raises(RuntimeError, match="is on cpu"):
+            sc.attention_sum_forward(y, scale.cpu(), shift, torch.rand(2, 16, device=DEVICE), 2, 1)
+    dout, rows = torch.randn(2, 8, 3, 3, device=DEVICE), torch.rand(2, 16, device=DEVICE)
     with pytest.raises(RuntimeError, match="dout must have shape"):
         sc.split_attention_backward_sums(dout[:, :4], y, scale, shift, rows, 2, 1)
     with pytest.raises(RuntimeError, match="groups=3 must divide"):

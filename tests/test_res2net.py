@@ -347,8 +347,9 @@ def test_op_bad_input():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU-only error")
-def test_cuda_backend_on_cpu_raises():
-    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+def test_cuda_backend_on_cpu_raises(monkeypatch):
+    monkeypatch.delenv("SPLAT_CUDA_EMULATE", raising=False)
+    with pytest.raises(RuntimeError, match="backend='cuda' got a tensor on cpu"):
         FusedBottle2neck(16, 4, backend="cuda")(rand(2, 16, 5, 5, dtype=torch.float32))
 
 
