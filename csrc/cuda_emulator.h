@@ -5,17 +5,21 @@
 //
 // Each CUDA thread of a block is a fiber (ucontext) of the calling OS thread; blocks run one after
 // another. __syncthreads() and __shfl_xor_sync() switch fibers until every thread of the block, or
-// every lane of the warp, has arrived at the same one (the same call in the source). What the hardware
-// leaves undefined stops the launch with an error rather than emulating one outcome: a barrier or a
-// full-mask shuffle that not every thread or lane reaches, or reaches at another line (divergent
-// code, exited threads), a launch configuration the driver rejects
-// (empty or oversized grid, block size over 1024 or over the kernel's __launch_bounds__).
+// every lane of the warp, has arrived at the same one (the same call in the source). What the
+// hardware leaves undefined stops the launch with an error rather than emulating one outcome: a
+// barrier or full-mask shuffle that not every thread or lane reaches, or reaches at another call
+// (divergent code, exited threads); a launch configuration the driver rejects (empty or oversized
+// grid, block size over 1024 or over the kernel's __launch_bounds__).
+//
 // __shared__ arrays (rewritten as splat_emu::shared calls) live in a per-block arena whose bytes
-// start as 0xff (NaN for floating point), so that a read before any write shows. Between barriers a block's threads run one after another, in order of their
-// index or, with SPLAT_CUDA_EMULATE_ORDER=reverse, in reverse: a shared-memory race (a read not
-// separated by a barrier from another thread's write) gives different results in the two orders. Floating point is the host's, compiled without contraction
-// (-ffp-contract=off) like the kernels' explicitly rounded operations; expf and exp are the host
-// libm's, which may differ from CUDA's in the last bit.
+// start as 0xff (NaN for floating point), so that a read before any write shows. Between barriers
+// a block's threads run one after another, in order of their index or, with
+// SPLAT_CUDA_EMULATE_ORDER=reverse, in reverse: a shared-memory race (a read not separated by a
+// barrier from another thread's write) gives different results in the two orders.
+//
+// Floating point is the host's, compiled without contraction (-ffp-contract=off) like the kernels'
+// explicitly rounded operations; expf and exp are the host libm's, which may differ from CUDA's in
+// the last bit.
 #pragma once
 
 #include <ucontext.h>

@@ -6,7 +6,9 @@ nvcc and ninja; cached by torch under ``$TORCH_EXTENSIONS_DIR``, rebuilt when a 
 ``splat/csrc`` of an installed package or ``csrc/`` of a source checkout. ``SPLAT_CUDA_JIT=0``
 forbids that compilation. On a machine without CUDA nothing is loaded or built, unless
 ``SPLAT_CUDA_EMULATE=1``: then the sources are compiled for the host against a CPU emulator of
-CUDA (``csrc/cuda_emulator.h``) and the ops run their kernels on CPU tensors, slowly, for tests.
+CUDA (``csrc/cuda_emulator.h``) and the ops run their kernels on CPU tensors, slowly, for tests;
+``SPLAT_CUDA_EMULATE_CFLAGS`` adds host compiler and linker flags to that build (``.ci/asan_cuda.sh`` builds it
+with AddressSanitizer).
 """
 
 import functools
@@ -114,11 +116,14 @@ def build_emulated(name: str, texts: dict[str, str]) -> None:
             part.replace(target)
         if target.suffix == ".cpp":
             sources.append(str(target))
+    flags = os.environ.get("SPLAT_CUDA_EMULATE_CFLAGS", "").split()
     cpp_extension.load(
         name=name,
         sources=sources,
         extra_include_paths=[str(out)],
-        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-include", str(src / "cuda_emulator.h")],
+        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-include", str(src / "cuda_emulator.h")]
+        + flags,
+        extra_ldflags=flags,
         is_python_module=False,
     )
 

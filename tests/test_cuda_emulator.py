@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import splat
 from splat import _cuda
 
 pytestmark = [
@@ -141,6 +142,13 @@ def test_undefined_launches_stop(run, kernel, grid, block, match):
     with pytest.raises(RuntimeError, match=match):
         run(kernel, grid, block)
     assert torch.equal(run(BUTTERFLY, (1, 1), (32, 1)), torch.full((32,), 496.0 * 1001))  # and it recovers
+
+
+def test_splat_kernels_build_for_it():
+    """Without this the tests of backend="cuda" would all skip, silently, where the build fails."""
+    assert _cuda.emulated(), "tests/conftest.py sets SPLAT_CUDA_EMULATE=1 where there is no GPU"
+    ok, why = splat.backends()["cuda"]
+    assert ok, why
 
 
 def test_every_rewrite_is_needed():
