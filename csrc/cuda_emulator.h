@@ -17,12 +17,16 @@
 // SPLAT_CUDA_EMULATE_ORDER=reverse, in reverse: a shared-memory race (a read not separated by a
 // barrier from another thread's write) gives different results in the two orders.
 //
-// Floating point is the host's, compiled without contraction (-ffp-contract=off) like the kernels'
-// explicitly rounded operations; expf and exp are the host libm's, which may differ from CUDA's in
-// the last bit.
+// Floating point is the host's. Multiply-adds are contracted into FMAs where the host has them
+// (-march=native -ffp-contract=fast), as nvcc contracts them by default, so that rounding a kernel
+// must control (its explicit __fadd_rn/__fmul_rn) is tested against fused neighbours here too;
+// which expressions get fused may still differ between the two compilers. expf and exp are the
+// host libm's, which may differ from CUDA's in the last bit.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -67,16 +71,30 @@ struct CUDAStream {
 inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
 }  // namespace c10::cuda
 
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
+// CUDA never merges these into a multiply-add: neither may the host compiler once they are inlined,
+// so each result goes through a volatile (rounded to its type, opaque to contraction).
+template <typename T>
+inline T rounded(T x) {
+  volatile T r = x;
+  return r;
+}
+inline float __fadd_rn(float a, float b) { return rounded(a + b); }
+inline float __fmul_rn(float a, float b) { return rounded(a * b); }
+inline double __dadd_rn(double a, double b) { return rounded(a + b); }
+inline double __dmul_rn(double a, double b) { return rounded(a * b); }
 
 namespace splat_emu {
 
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 64 * 1024;
+
+inline size_t page_bytes() {
+  static const size_t n = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return n;
+}
+
+inline size_t stack_stride() { return page_bytes() + kStackBytes; }
 
 // SMs the emulated device reports ($SPLAT_CUDA_EMULATE_SMS, default 4): the launch plans size their
 // grids to a wave of it, so a small count keeps launches small while still splitting long rows.
@@ -100,7 +118,7 @@ struct Scheduler {
   std::vector<ucontext_t> contexts;
   std::vector<State> states;
   std::vector<std::pair<const char*, int>> sites;  // the barrier a thread waits at: (file, call number)
-  std::unique_ptr<char[]> stacks;
+  char* stacks = nullptr;  // stack_count fiber stacks, each above a PROT_NONE guard page
   size_t stack_count = 0;
   std::vector<uint64_t> slots;  // a value per thread, exchanged by shuffles
   std::vector<std::pair<std::pair<const char*, int>, std::unique_ptr<char[]>>> shared;  // the block's arrays
@@ -156,7 +174,7 @@ inline void run_block(bool reverse) {
   for (int i = 0; i < n; ++i) {
     ucontext_t& c = s.contexts[i];
     getcontext(&c);
-    c.uc_stack.ss_sp = s.stacks.get() + size_t(i) * kStackBytes;
+    c.uc_stack.ss_sp = s.stacks + size_t(i) * stack_stride() + page_bytes();
     c.uc_stack.ss_size = kStackBytes;
     c.uc_link = &s.main;
     makecontext(&c, fiber_main, 0);
@@ -216,9 +234,22 @@ void call_body(void* f) {
   (*static_cast<F*>(f))();
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...)
+// Maps `count` fiber stacks, each with an inaccessible page below it: a fiber that overflows its
+// stack faults instead of writing into its neighbour's.
+inline void map_stacks(Scheduler& s, size_t count) {
+  if (s.stack_count >= count) return;
+  if (s.stacks != nullptr) munmap(s.stacks, s.stack_count * stack_stride());
+  void* p = mmap(nullptr, count * stack_stride(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(p != MAP_FAILED, "splat CUDA emulator: cannot map ", count, " fiber stacks");
+  s.stacks = static_cast<char*>(p);
+  s.stack_count = count;
+  for (size_t i = 0; i < count; ++i) mprotect(s.stacks + i * stack_stride(), page_bytes(), PROT_NONE);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...). SPLAT_CUDA_EMULATE_ORDER=reverse also runs the
+// blocks in reverse, so that a race between blocks on global memory changes results too.
 template <typename... P, typename... Args>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, Args&&... args) {
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, const Args&... args) {
   const int64_t threads = int64_t(block.x) * block.y * block.z;
   TORCH_CHECK(threads >= 1 && threads <= kMaxThreads && block.z <= 64,
               "splat CUDA emulator: invalid block size (", block.x, ", ", block.y, ", ", block.z, ")");
@@ -228,10 +259,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   TORCH_CHECK(smem == 0, "splat CUDA emulator: dynamic shared memory is not emulated");
   Scheduler& s = scheduler();
   const std::lock_guard<std::mutex> lock(s.mutex);
-  if (s.stack_count < size_t(threads)) {
-    s.stacks.reset(new char[size_t(threads) * kStackBytes]);
-    s.stack_count = size_t(threads);
-  }
+  map_stacks(s, size_t(threads));
   s.contexts.resize(threads);
   s.states.resize(threads);
   s.sites.resize(threads);
@@ -245,13 +273,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   const bool reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        run_block(reverse);
-      }
-    }
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t b = reverse ? blocks - 1 - k : k;
+    blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (int64_t(grid.x) * grid.y));
+    run_block(reverse);
   }
 }
 
@@ -288,7 +314,9 @@ T shfl_xor(const char* file, int site, unsigned mask, T v, int lane_mask, int wi
   const int me = s.current;
   std::memcpy(&s.slots[me], &v, sizeof(T));
   suspend(State::warp_barrier, file, site);
-  const int src = (me & ~(kWarp - 1)) | ((me ^ lane_mask) & (kWarp - 1));
+  // A source lane outside the warp gives the thread its own value, as on the GPU.
+  const int lane = me % kWarp, src_lane = lane ^ lane_mask;
+  const int src = src_lane >= 0 && src_lane < kWarp ? me - lane + src_lane : me;
   T r;
   std::memcpy(&r, &s.slots[src], sizeof(T));
   suspend(State::warp_barrier, file, site);  // every lane has read before a later shuffle overwrites the slots

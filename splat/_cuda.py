@@ -60,17 +60,18 @@ def _jit_build() -> None:
     )
 
 
-# How a host copy of the CUDA sources is made for the emulator. Each rule must apply somewhere, so
-# that a change of the sources a rule no longer fits fails the build rather than the emulation.
+# How a host copy of the CUDA sources is made for the emulator. Each rule must apply somewhere in
+# splat's sources, so that a change of them a rule no longer fits fails the build rather than the
+# emulation.
 _EMULATION_REWRITES = (
-    # The emulator stubs what the kernels use of the c10/cuda headers.
-    (r"^#include <c10/cuda/[^>]+>\n", ""),
+    # The emulator stubs what the kernels use of the c10/cuda headers (a blank line keeps the line numbers).
+    (r"^#include <c10/cuda/[^>]+>$", ""),
     # kernel<<<grid, block, smem, stream>>>(args) -> splat_emu::launch(kernel, grid, block, smem, stream, args)
     (r"\b([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.+?)>>>\(", r"splat_emu::launch(\1, \2, "),
     # Shared arrays come from the block's arena (fresh for each block, poisoned).
     (r"__shared__\s+(.+?)\s+(\w+)\[(.+?)\];", r"auto& \2 = splat_emu::shared<\1[\3]>(__FILE__, __COUNTER__);"),
     # The kernel checks its launch's block size against its bound.
-    (r"__launch_bounds__\((\w+)\)([^{]*)\{", r"\2{ splat_emu::launch_bounds(\1);"),
+    (r"__launch_bounds__\((\w+)\)([^{;]*)\{", r"\2{ splat_emu::launch_bounds(\1);"),
     # The emulated device's tensors are CPU tensors.
     (r"\.is_cuda\(\)", ".is_cpu()"),
     (r"\b(\w+)\.get_device\(\)", r"splat_emu::device_index(\1)"),
@@ -83,17 +84,19 @@ def emulated() -> bool:
     return os.environ.get("SPLAT_CUDA_EMULATE", "0") == "1" and not torch.cuda.is_available()
 
 
-def emulator_sources(texts: dict[str, str]) -> dict[str, str]:
-    """{file name: text} of CUDA sources -> the host copies the emulator compiles (``*.cu`` as ``*.cpp``)."""
-    texts = dict(texts)
+def emulator_sources(texts: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """CUDA sources ({file name: text}) -> (the host copies the emulator compiles, ``*.cu`` as
+    ``*.cpp``; the patterns of the rewrites that matched nothing)."""
+    texts, unmatched = dict(texts), []
     for pattern, replacement in _EMULATION_REWRITES:
         total = 0
         for name, text in texts.items():
             texts[name], n = re.subn(pattern, replacement, text, flags=re.MULTILINE)
             total += n
         if total == 0:
-            raise RuntimeError(f"the emulator's rewrite {pattern!r} matches no source (update splat/_cuda.py)")
-    return {name.removesuffix(".cu") + ".cpp" if name.endswith(".cu") else name: text for name, text in texts.items()}
+            unmatched.append(pattern)
+    copies = {name.removesuffix(".cu") + ".cpp" if name.endswith(".cu") else name: text for name, text in texts.items()}
+    return copies, unmatched
 
 
 def build_emulated(name: str, texts: dict[str, str]) -> None:
@@ -107,7 +110,7 @@ def build_emulated(name: str, texts: dict[str, str]) -> None:
     out = Path(root) / f"{name}_sources"
     out.mkdir(parents=True, exist_ok=True)
     sources = []
-    for file, text in emulator_sources(texts).items():
+    for file, text in emulator_sources(texts)[0].items():
         target = out / file
         if not target.exists() or target.read_text() != text:  # untouched files are not rebuilt
             # Whole or not at all: another process (pytest-xdist) may be compiling the same file.
@@ -121,8 +124,8 @@ def build_emulated(name: str, texts: dict[str, str]) -> None:
         name=name,
         sources=sources,
         extra_include_paths=[str(out)],
-        extra_cflags=["-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-include", str(src / "cuda_emulator.h")]
-        + flags,
+        extra_cflags=["-O2", "-march=native", "-ffp-contract=fast", "-Wno-unknown-pragmas"]
+        + ["-include", str(src / "cuda_emulator.h"), *flags],
         extra_ldflags=flags,
         is_python_module=False,
     )
@@ -131,6 +134,9 @@ def build_emulated(name: str, texts: dict[str, str]) -> None:
 def _import_emulated() -> str:
     try:
         texts = {p.name: p.read_text() for p in sorted(_sources().iterdir()) if p.suffix in (".cu", ".cuh", ".cpp")}
+        unmatched = emulator_sources(texts)[1]
+        if unmatched:
+            raise RuntimeError(f"the emulator's rewrites {unmatched} match no source (update splat/_cuda.py)")
         build_emulated(_EMULATED_NAME, texts)
     except Exception as error:  # a compiler failure is reported, not raised
         return f"SPLAT_CUDA_EMULATE=1, but compiling the kernels for the CPU emulator failed: {_tail(error)}"

@@ -12,10 +12,7 @@ from torch.utils import cpp_extension
 import splat
 from splat import _cuda
 
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.is_available(), reason="the emulator stands in for a GPU where there is none"),
-    pytest.mark.skipif(not cpp_extension.is_ninja_available(), reason="building the emulated kernels needs ninja"),
-]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the emulator stands in for a GPU where there is none")
 
 KERNELS = r"""
 #include <c10/cuda/CUDAGuard.h>
@@ -59,6 +56,19 @@ __global__ void shuffle_with_exited_lane(float* out) {
 
 __global__ void partial_warp_shuffle(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1); }
 
+// Row m of out: the lane each lane reads with lane mask kMasks[m] (33 and -1 point outside the warp).
+constexpr int kMasks[] = {1, 2, 4, 8, 16, 31, 33, -1};
+__global__ void shuffle_sources(float* out) {
+  for (int m = 0; m < 8; ++m) {
+    out[m * blockDim.x + threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), kMasks[m]);
+  }
+}
+
+// Every block writes out[0]: the last block to run wins (a race between blocks).
+__global__ void last_block(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);
+}
+
 // Each thread reads its neighbour's shared value, with or without the barrier between its write
 // and that read: without it the result depends on the order the threads run in.
 __global__ void neighbour(float* out, bool barrier) {
@@ -84,6 +94,8 @@ at::Tensor run(const at::Tensor& out, int64_t kernel, int64_t grid_x, int64_t gr
     case 5: divergent_shuffle<<<grid, block, 0, stream>>>(p); break;
     case 6: neighbour<<<grid, block, 0, stream>>>(p, false); break;
     case 7: neighbour<<<grid, block, 0, stream>>>(p, true); break;
+    case 8: shuffle_sources<<<grid, block, 0, stream>>>(p); break;
+    case 9: last_block<<<grid, block, 0, stream>>>(p); break;
   }
   return out;
 }
@@ -103,15 +115,19 @@ TORCH_LIBRARY_IMPL(splat_emulator_test, CUDA, m) { m.impl("run", &run); }
     DIVERGENT_SHUFFLE,
     RACY_NEIGHBOUR,
     NEIGHBOUR,
-) = range(8)
+    SHUFFLE_SOURCES,
+    LAST_BLOCK,
+) = range(10)
 
 
 @pytest.fixture(scope="module")
 def run():
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("building the emulated kernels needs ninja")
     _cuda.build_emulated("splat_emulator_test", {"kernels.cu": KERNELS})
 
-    def launch(kernel, grid, block):
-        out = torch.full((grid[0] * grid[1] * block[0] * block[1],), float("nan"))
+    def launch(kernel, grid, block, size=None):
+        out = torch.full((size or grid[0] * grid[1] * block[0] * block[1],), float("nan"))
         return torch.ops.splat_emulator_test.run(out, kernel, *grid, *block)
 
     return launch
@@ -151,16 +167,33 @@ def test_splat_kernels_build_for_it():
     assert ok, why
 
 
-def test_every_rewrite_is_needed():
-    with pytest.raises(RuntimeError, match="matches no source"):
-        _cuda.emulator_sources({"kernels.cu": KERNELS.replace("__launch_bounds__(256)", "")})
+def test_every_rewrite_applies():
+    copies, unmatched = _cuda.emulator_sources({"kernels.cu": KERNELS})
+    assert list(copies) == ["kernels.cpp"] and unmatched == []
+    without_bounds = KERNELS.replace("__launch_bounds__(256) ", "")
+    assert _cuda.emulator_sources({"kernels.cu": without_bounds})[1] == [r"__launch_bounds__\((\w+)\)([^{;]*)\{"]
 
 
-def test_thread_order_exposes_races(run, monkeypatch):
-    expected = torch.arange(1, 65, dtype=torch.float32) % 64
-    results = {}
-    for order in ("forward", "reverse"):
+def test_shuffle_sources(run):
+    lanes = torch.arange(64)
+    masks = torch.tensor([1, 2, 4, 8, 16, 31, 33, -1]).view(-1, 1)
+    source = lanes % 32 ^ masks
+    expected = torch.where((source >= 0) & (source < 32), lanes - lanes % 32 + source, lanes)  # own value outside
+    assert torch.equal(run(SHUFFLE_SOURCES, (1, 1), (64, 1), size=8 * 64).view(8, 64), expected.float())
+
+
+def test_thread_and_block_order_expose_races(run, monkeypatch):
+    """Reversed, the threads of a block and the blocks of a grid run in the opposite order: a race
+    between threads on shared memory, or between blocks on global memory, changes the result."""
+    ordered = torch.arange(1, 65, dtype=torch.float32) % 64
+    nan = float("nan")
+    racy = {
+        "forward": torch.tensor([nan] * 63 + [0.0]),  # each thread reads its neighbour before it writes
+        "reverse": torch.cat([ordered[:63], torch.tensor([nan])]),
+    }
+    for order, expected in racy.items():
         monkeypatch.setenv("SPLAT_CUDA_EMULATE_ORDER", order)
-        assert torch.equal(run(NEIGHBOUR, (1, 1), (64, 1)), expected)
-        results[order] = run(RACY_NEIGHBOUR, (1, 1), (64, 1))
-    assert not torch.equal(results["forward"], results["reverse"])
+        assert torch.equal(run(NEIGHBOUR, (1, 1), (64, 1)), ordered)
+        torch.testing.assert_close(run(RACY_NEIGHBOUR, (1, 1), (64, 1)), expected, equal_nan=True, rtol=0, atol=0)
+        last = run(LAST_BLOCK, (5, 1), (32, 1), size=1).item()
+        assert last == (4.0 if order == "forward" else 0.0)
