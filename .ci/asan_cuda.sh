@@ -20,6 +20,9 @@ export TORCH_EXTENSIONS_DIR=${TMPDIR:-/tmp}/splat-asan-extensions  # apart from 
 export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 UBSAN_OPTIONS=print_stacktrace=1
 # libstdc++ is preloaded as well, or ASan cannot intercept the exceptions of the ops' input checks.
 # The emulator's fibers switch stacks, which ASan warns about once; it reported no false positive.
+preload="$asan $(c++ -print-file-name=libstdc++.so.6)"
+# Fail, rather than skip every cuda test, when the instrumented build does not load.
+LD_PRELOAD=$preload python3 -c "import splat; ok, why = splat.backends()['cuda']; assert ok, why"
 # -s: a sanitizer ends the process at once, so its report must not wait in pytest's capture.
-LD_PRELOAD="$asan $(c++ -print-file-name=libstdc++.so.6)" python3 -m pytest -q -s -p no:cacheprovider -k cuda \
+LD_PRELOAD=$preload python3 -m pytest -q -s -p no:cacheprovider -k cuda \
   tests/test_cuda_backend.py tests/test_splat_conv.py tests/test_sk_conv.py tests/test_res2net.py tests/test_hardening.py
