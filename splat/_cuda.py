@@ -6,9 +6,9 @@ nvcc and ninja; cached by torch under ``$TORCH_EXTENSIONS_DIR``, rebuilt when a 
 ``splat/csrc`` of an installed package or ``csrc/`` of a source checkout. ``SPLAT_CUDA_JIT=0``
 forbids that compilation. On a machine without CUDA nothing is loaded or built, unless
 ``SPLAT_CUDA_EMULATE=1``: then the sources are compiled for the host against a CPU emulator of
-CUDA (``csrc/cuda_emulator.h``) and the ops run their kernels on CPU tensors, slowly, for tests;
-``SPLAT_CUDA_EMULATE_CFLAGS`` adds host compiler and linker flags to that build (``.ci/asan_cuda.sh`` builds it
-with AddressSanitizer).
+CUDA (``csrc/cuda_emulator.h``) and the ops run their kernels on CPU tensors, slowly, for tests.
+``SPLAT_CUDA_EMULATE_CFLAGS`` adds host compiler and linker flags to that build
+(``.ci/asan_cuda.sh`` builds it with AddressSanitizer).
 """
 
 import functools
