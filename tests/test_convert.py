@@ -1,22 +1,18 @@
-"""splat.convert on small models built from the reference blocks (CPU), and on timm's models (GPU)."""
+"""splat.convert on small models built from the reference blocks, and on timm's models where timm is installed."""
 
 import copy
 import logging
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-import splat
 from splat.convert import ConversionReport, convert
 from tests.helpers import CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, backend_params, cuda_graph_step, rand, randomize_bn
 from tests.reference import res2net as ref_res2net
 from tests.reference.sk import SelectiveKernel, SKConv
 from tests.reference.splat import SplAtConv2d, SplitAttn
-
-HAS_RES2NET = getattr(splat, "FusedBottle2neck", None) is not None or hasattr(
-    __import__("importlib").import_module("splat.modules.res2net"), "FusedBottle2neck"
-)
 
 
 class Bottle2neck(ref_res2net.TimmBottle2neck):
@@ -75,8 +71,7 @@ def test_small_net_matches_unconverted(layout, train):
     converted = convert(model, backend="torch")
     assert converted is model
     report = converted.splat_conversion
-    expected = dict(EXPECTED) if HAS_RES2NET else {k: v for k, v in EXPECTED.items() if k != "Bottle2neck"}
-    assert dict(report.converted) == expected
+    assert dict(report.converted) == EXPECTED
     assert type(model[4][0]).__name__ == "FusedSplAtConv2d"
     assert type(model[-4]) is SplitAttnLike, "a different class name is left alone"
     assert model.training == train and all(m.training == train for m in model.modules())
@@ -237,28 +232,60 @@ def test_cuda_graph_training_step(backend):
 
 
 TIMM_MODELS = ["resnest14d", "resnest50d_4s2x40d", "res2net50_26w_4s", "skresnext50_32x4d", "skresnet18"]
+TIMM_BLOCKS = ("SplitAttn", "Bottle2neck", "SelectiveKernel")
+
+
+def timm_model(name):
+    timm = pytest.importorskip("timm")
+    return randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+
+
+def assert_close_to_scale(actual, expected, name, rtol=1e-9):
+    """|actual - expected| within rtol of expected's largest magnitude: over ~50 layers rounding
+    differences are amplified elementwise, but stay small against the tensor's scale."""
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * expected.abs().max().item(), f"{name}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models(name, train):
+    """Every block of timm's model is converted (timm's own classes, as timm builds them), and the
+    converted model computes, in float64, the outputs, gradients and running statistics of the
+    original, on both layouts."""
+    model = timm_model(name).to(DEVICE, torch.float64).train(train)
+    original = copy.deepcopy(model)
+    blocks = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in TIMM_BLOCKS)
+    convert(model)
+    assert model.splat_conversion.converted == blocks and not model.splat_conversion.skipped, model.splat_conversion
+    assert model.state_dict().keys() == original.state_dict().keys()
+    # 128x128 at batch 4: stage 4's BN sees 64 values a channel; on 2x2 maps at batch 2 training-mode
+    # BN is so ill-conditioned that float64 rounding alone moves gradients by 1e-6.
+    x = rand(4, 3, 128, 128)
+    for layout in LAYOUTS:
+        model.zero_grad(set_to_none=True)
+        original.zero_grad(set_to_none=True)
+        out, dx, grads = run(model, x.contiguous(memory_format=layout))
+        exp_out, exp_dx, exp_grads = run(original, x.contiguous(memory_format=layout))
+        assert_close_to_scale(out, exp_out, "output")
+        assert_close_to_scale(dx, exp_dx, "input gradient")
+        for n, g in grads.items():
+            if train and n.endswith("fc1.bias"):
+                continue  # BN follows fc1: its bias gradient is zero up to rounding
+            assert_close_to_scale(g, exp_grads[n], n)
+    exp_buffers = dict(original.named_buffers())
+    for n, b in model.named_buffers():
+        if b.is_floating_point():
+            assert_close_to_scale(b, exp_buffers[n], n)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", TIMM_MODELS)
-def test_timm_models(name):
-    timm = pytest.importorskip("timm")
-    model = timm.create_model(name, pretrained=False, num_classes=10).cuda()
-    model = randomize_bn(model)
-    original = copy.deepcopy(model)
-    convert(model)
-    assert sum(model.splat_conversion.converted.values()) > 0, model.splat_conversion
-    assert model.state_dict().keys() == original.state_dict().keys()
-    x = torch.randn(4, 3, 96, 96, device="cuda")
-    for train in (False, True):
-        model.train(train)
-        original.train(train)
-        for layout in LAYOUTS:
-            xl = x.contiguous(memory_format=layout)
-            with torch.no_grad():
-                torch.testing.assert_close(model(xl), original(xl), rtol=1e-3, atol=1e-3)
-    model.to(memory_format=torch.channels_last).train()
+def test_timm_models_train_compiled_bf16(name):
+    model = convert(timm_model(name).cuda()).to(memory_format=torch.channels_last).train()
+    assert not model.splat_conversion.skipped, model.splat_conversion
+    x = torch.randn(4, 3, 96, 96, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = torch.compile(model)(x.contiguous(memory_format=torch.channels_last))
+        out = torch.compile(model)(x)
     out.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

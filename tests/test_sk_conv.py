@@ -172,6 +172,10 @@ def test_from_module_rejects_unsupported():
         FusedSKConv.from_module(m)
     with pytest.raises(TypeError, match="neither an SKConv"):
         FusedSKConv.from_module(nn.Conv2d(2, 2, 1))
+    m = SelectiveKernel(**TIMM_CONFIGS["split"])
+    m.paths[1].aa = nn.AvgPool2d(2)  # what timm builds for aa_layer at stride 2
+    with pytest.raises(ValueError, match=r"paths.1.aa is AvgPool2d; not supported"):
+        FusedSelectiveKernel.from_module(m)
 
 
 def test_state_dict_keys_and_strict_round_trip():

@@ -433,7 +433,8 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
             if not isinstance(getattr(path, "conv", None), nn.Conv2d) or not hasattr(path, "bn"):
                 raise ValueError(f"{name}.paths.{i} must have .conv (Conv2d) and .bn")
             for extra in ("aa", "drop"):
-                if not isinstance(getattr(path, extra, nn.Identity()), nn.Identity):
+                # timm's ConvNormAct keeps aa = None when anti-aliasing is off
+                if not isinstance(getattr(path, extra, None), (nn.Identity, type(None))):
                     kind = type(getattr(path, extra)).__name__
                     raise ValueError(f"{name}.paths.{i}.{extra} is {kind}; not supported")
             if hasattr(path, "act"):

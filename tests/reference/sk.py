@@ -29,13 +29,15 @@ class SKConv(nn.Module):
 
 
 class ConvBn(nn.Module):
-    """timm's ConvNormAct as far as the keys go: conv (no bias), bn, then ReLU."""
+    """timm's ConvNormAct as far as the keys go: conv (no bias), bn, then ReLU; aa is None without
+    anti-aliasing, as in timm 1.0."""
 
     def __init__(self, in_channels, out_channels, dilation, stride, groups):
         super().__init__()
         padding = ((stride - 1) + dilation * 2) // 2
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, padding, dilation, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
+        self.aa = None
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
