@@ -78,8 +78,9 @@ class Bench:
         model.train(mode == "train")
         if impl.endswith("+convert"):
             model = splat.convert(model, backend=self.args.backend)
-            if not model.splat_conversion.converted:
-                raise RuntimeError(f"splat.convert replaced nothing in {name}: {model.splat_conversion}")
+            report = model.splat_conversion
+            if not report.converted or report.skipped:
+                raise RuntimeError(f"splat.convert did not replace every block of {name}: {report}")
         if layout == "nhwc":
             model = model.to(memory_format=torch.channels_last)
         runner = torch.compile(model) if impl.startswith("compile") else model
