@@ -245,6 +245,32 @@ def test_from_module_keeps_mode_device_dtype():
     assert (fused.width, fused.stype, fused.cardinality, fused.dilation, fused.stride) == (timm.width, "stage", 2, 3, 2)
 
 
+class FixedDrop(nn.Module):
+    """DropBlock / DropPath with a mask that depends only on the input's shape and ``seed``, so the
+    fused block and the reference drop the same elements (``per_sample``: whole samples, as DropPath)."""
+
+    def __init__(self, seed, per_sample):
+        super().__init__()
+        self.seed, self.per_sample = seed, per_sample
+
+    def forward(self, x):
+        shape = (x.shape[0], 1, 1, 1) if self.per_sample else x.shape
+        g = torch.Generator(x.device).manual_seed(self.seed)
+        keep = torch.rand(shape, generator=g, device=x.device) > 0.3
+        return x * keep.to(x.dtype) / 0.7
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_from_module_keeps_timm_drop_block_and_drop_path(backend):
+    """timm's DropBlock (on the concatenated branches) and stochastic depth (on bn3's output, before
+    the residual add) are carried over and run where timm runs them."""
+    ref = randomize_bn(TimmBottle2neck(16, 4, base_width=40, scale=3, drop_block=lambda: FixedDrop(1, False),
+                                       drop_path=FixedDrop(2, True))).to(DEVICE, torch.float64)
+    fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    compare_modules(ref, fused, rand(4, 16, 5, 6), torch.float64, steps=2)
+
+
 def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="se is set"):
         FusedBottle2neck.from_module(TimmBottle2neck(8, 4, attn_layer=lambda c: nn.Sigmoid()))

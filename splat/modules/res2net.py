@@ -36,6 +36,10 @@ class FusedBottle2neck(nn.Module):
     "auto" (``$SPLAT_BACKEND`` if set, else the fastest for the device), "triton", "cuda" or
     "torch" (pure PyTorch, runs anywhere); it picks the implementation of the branch chain, the
     1x1 convs run through PyTorch (cuDNN).
+
+    ``drop_block`` and ``drop_path`` (None here; ``from_module`` copies timm's DropBlock and
+    stochastic depth) run where timm runs them: on the concatenated branches before ``conv3``, and
+    on ``bn3``'s output before the residual add. They hold no state_dict entries.
     """
 
     expansion = 4
@@ -74,6 +78,7 @@ class FusedBottle2neck(nn.Module):
         self.conv3 = nn.Conv2d(width * scale, planes * self.expansion, kernel_size=1, bias=False, **factory)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion, **factory)
         self.downsample = downsample
+        self.drop_block = self.drop_path = None
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, scale={self.scale}, stype={self.stype!r}, cardinality={self.cardinality}, "
@@ -128,7 +133,11 @@ class FusedBottle2neck(nn.Module):
             if self.training and batch_stats:
                 n = x.shape[0] * output_size(x.shape[2], self.stride) * output_size(x.shape[3], self.stride)
                 update_running_stats(batch_updates(self.bns, mean.detach(), var.detach(), n))
+        if self.drop_block is not None:
+            chain = self.drop_block(chain)
         out = self.bn3(self.conv3(chain))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         # In place, like the original: under autocast the sum keeps bn3's dtype.
         out += x if self.downsample is None else self.downsample(x)
         return F.relu(out)
@@ -136,8 +145,9 @@ class FusedBottle2neck(nn.Module):
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedBottle2neck":
         """A FusedBottle2neck computing what ``m`` computes: the original Res2Net ``Bottle2neck``
-        (``stype``) or timm's (``is_first``, cardinality, dilation). Weights, buffers and the
-        downsample module are copied; device, dtype and train/eval mode are kept."""
+        (``stype``) or timm's (``is_first``, cardinality, dilation). Weights, buffers, the
+        downsample module and timm's drop_block / drop_path are copied; device, dtype and
+        train/eval mode are kept."""
         name = type(m).__name__
         if hasattr(m, "stype"):
             stype = m.stype
@@ -167,4 +177,8 @@ class FusedBottle2neck(nn.Module):
         fused.convs, fused.bns = copy.deepcopy(m.convs), copy.deepcopy(m.bns)
         fused.conv3, fused.bn3 = copy.deepcopy(m.conv3), copy.deepcopy(m.bn3)
         fused.downsample = copy.deepcopy(m.downsample)
+        for attr in ("drop_block", "drop_path"):
+            drop = getattr(m, attr, None)
+            if drop is not None and not isinstance(drop, nn.Identity):
+                setattr(fused, attr, copy.deepcopy(drop))
         return fused.train(m.training)

@@ -51,12 +51,14 @@ class Bottle2neck(nn.Module):
 
 
 class TimmBottle2neck(nn.Module):
-    """timm's Bottle2neck: 'stage' iff stride > 1 or a downsample; grouped, dilated 3x3 branch convs."""
+    """timm's Bottle2neck: 'stage' iff stride > 1 or a downsample; grouped, dilated 3x3 branch convs;
+    DropBlock on the concatenated branches, stochastic depth (drop_path) before the residual add."""
 
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1, base_width=26, scale=4,
-                 dilation=1, first_dilation=None, act_layer=nn.ReLU, norm_layer=None, attn_layer=None):
+                 dilation=1, first_dilation=None, act_layer=nn.ReLU, norm_layer=None, attn_layer=None,
+                 drop_block=None, drop_path=None):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         self.scale = scale
@@ -75,10 +77,12 @@ class TimmBottle2neck(nn.Module):
         self.bns = nn.ModuleList([norm_layer(width) for _ in range(self.num_scales)])
         self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.is_first else None
         self.conv3 = nn.Conv2d(width * scale, planes * self.expansion, kernel_size=1, bias=False)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.bn3 = norm_layer(planes * self.expansion)
         self.se = attn_layer(planes * self.expansion) if attn_layer is not None else None
         self.relu = act_layer(inplace=True)
         self.downsample = downsample
+        self.drop_path = drop_path
 
     def forward(self, x):
         shortcut = x
@@ -92,9 +96,11 @@ class TimmBottle2neck(nn.Module):
             spo.append(sp)
         if self.scale > 1:
             spo.append(self.pool(spx[-1]) if self.pool is not None else spx[-1])
-        out = self.bn3(self.conv3(torch.cat(spo, 1)))
+        out = self.bn3(self.conv3(self.drop_block(torch.cat(spo, 1))))
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         if self.downsample is not None:
             shortcut = self.downsample(x)
         out += shortcut
