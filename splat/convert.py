@@ -15,8 +15,10 @@ class name         attributes                             replaced by
 =================  =====================================  ==========================
 
 Anything else is left alone, and so is a recognised module whose configuration the fused
-kernels do not cover (DropBlock, a non-ReLU activation, SyncBatchNorm, ...): its ``from_module``
-raises ValueError, and the module is reported as skipped with that reason.
+kernels do not cover (DropBlock, a non-ReLU activation, SyncBatchNorm, ...; its ``from_module``
+raises ValueError) or that has, on itself or inside, forward or backward hooks (the fused module
+would silently not run them) or parametrized tensors (not carried over). Such a module is
+reported as skipped, with the reason.
 
 What was done is returned in ``model.splat_conversion`` (a :class:`ConversionReport`) and logged
 at INFO level on the ``"splat"`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
@@ -27,13 +29,13 @@ creating the optimizer: the fused modules hold new parameter tensors (same value
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from splat import backend as _backend
 
@@ -73,15 +75,9 @@ def _fused_sk():
 
 
 def _fused_res2net():
-    import splat
+    from splat.modules.res2net import FusedBottle2neck
 
-    fused = getattr(splat, "FusedBottle2neck", None)
-    if fused is None:
-        try:
-            fused = getattr(importlib.import_module("splat.modules.res2net"), "FusedBottle2neck", None)
-        except ImportError:
-            fused = None
-    return fused
+    return FusedBottle2neck
 
 
 # class name -> (required attributes, lazy getter of the fused class)
@@ -101,6 +97,22 @@ def _recognise(module: nn.Module):
     return rule[1]
 
 
+# Per-module hooks that run around a module's forward and backward.
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_no_hooks(block: nn.Module) -> None:
+    """ValueError if ``block`` or a module inside it has hooks or parametrizations: the fused module
+    is a new module that runs its inner ones through kernels, so hooks would silently stop running,
+    and from_module copies plain weights."""
+    for name, m in block.named_modules():
+        where = f"{type(block).__name__}.{name}" if name else type(block).__name__
+        if any(getattr(m, hooks, None) for hooks in _HOOKS):
+            raise ValueError(f"{where} has forward or backward hooks, which the fused module would not run")
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"{where} has parametrized tensors, which convert does not carry over")
+
+
 def _is_channels_last(module: nn.Module) -> bool:
     return any(
         p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
@@ -114,12 +126,9 @@ def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionR
     if get_fused is None:
         return None
     cls_name = type(module).__name__
-    fused_cls = get_fused()
-    if fused_cls is None or not hasattr(fused_cls, "from_module"):
-        report.skipped.append((qualname, cls_name, "no fused implementation is available in this splat build"))
-        return None
     try:
-        fused = fused_cls.from_module(module, backend=backend)
+        _check_no_hooks(module)
+        fused = get_fused().from_module(module, backend=backend)
     except ValueError as err:
         report.skipped.append((qualname, cls_name, str(err)))
         return None

@@ -125,6 +125,33 @@ def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
     assert "replaced SplitAttn x1" in caplog.text and "left 2 unchanged" in caplog.text
 
 
+def test_blocks_with_hooks_or_parametrizations_are_skipped():
+    """A hook inside a block, on the block, or a parametrized weight would silently stop running in
+    the fused module: such blocks are left alone and still run them."""
+    model = small_net().to(DEVICE, torch.float64)
+    seen = []
+    model[3].fc2.register_forward_hook(lambda m, i, o: seen.append("fc2"))
+    model[5].register_forward_pre_hook(lambda m, i: seen.append("sk"))
+    model[9].convs[0].register_full_backward_hook(lambda m, gi, go: seen.append("branch conv backward"))
+    torch.nn.utils.parametrizations.weight_norm(model[8].conv3)
+    original = copy.deepcopy(model)
+    convert(model)
+    report = model.splat_conversion
+    assert dict(report.converted) == {"SplitAttn": 1, "SelectiveKernel": 2}
+    reasons = {name: why for name, _, why in report.skipped}
+    assert reasons.keys() == {"3", "5", "8", "9"}
+    assert "SplAtConv2d.fc2 has forward or backward hooks" in reasons["3"]
+    assert reasons["5"].startswith("SKConv has forward or backward hooks")
+    assert "Bottle2neck.conv3 has parametrized tensors" in reasons["8"]
+    assert "Bottle2neck.convs.0 has forward or backward hooks" in reasons["9"]
+    x = rand(2, 3, 8, 8)
+    out, dx, _ = run(model, x)
+    assert seen == ["fc2", "sk", "branch conv backward"]
+    exp_out, exp_dx, _ = run(original, x)
+    torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+
+
 def test_top_level_block_and_errors():
     block = randomize_bn(SKConv(8, None, 2, 2, 2, L=4)).double().eval()
     fused = convert(copy.deepcopy(block), backend="torch")
