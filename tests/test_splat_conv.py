@@ -122,6 +122,13 @@ def test_from_module_rejects_unsupported():
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, norm_layer=nn.SyncBatchNorm))
 
 
+def test_bn0_swapped_after_construction_is_refused():
+    """convert_sync_batchnorm after convert: the kernels would silently use local batch statistics."""
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(splat.FusedSplAtConv2d(16, 8, 3, norm_layer=BN)).to(DEVICE)
+    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d can be fused, got SyncBatchNorm"):
+        fused(rand(2, 16, 5, 5, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_state_dict_keys_match_original(name):
     ref = SplAtConv2d(**CONFIGS[name])

@@ -148,6 +148,8 @@ class FusedSplAtConv2d(nn.Module):
             y = y * self._rectify_ratio(x, y)
         if y.shape[0] == 0:
             return y[:, : self.channels]
+        if self.use_bn:  # bn0 may have been swapped since construction (convert_sync_batchnorm, say)
+            check_batchnorm(self.bn0, "bn0")
         bn1 = getattr(self, "bn1", None)
         if bn1 is None or type(bn1) is nn.BatchNorm2d:
             return fused_tail(
