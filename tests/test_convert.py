@@ -11,6 +11,7 @@ from torch import nn
 from splat.convert import ConversionReport, convert
 from tests.helpers import CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, backend_params, cuda_graph_step, rand, randomize_bn
 from tests.reference import res2net as ref_res2net
+from tests.reference.norms import freeze
 from tests.reference.sk import SelectiveKernel, SKConv
 from tests.reference.splat import SplAtConv2d, SplitAttn
 
@@ -61,10 +62,13 @@ def run(model, x, grad=None):
     return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen-bn"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_small_net_matches_unconverted(layout, train):
-    model = small_net().to(DEVICE, torch.float64).train(train)
+def test_small_net_matches_unconverted(layout, train, frozen):
+    """Every block converted, also with every BatchNorm2d frozen (a detection backbone)."""
+    model = small_net()
+    model = (freeze(model) if frozen else model).to(DEVICE, torch.float64).train(train)
     if layout == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     original = copy.deepcopy(model)
@@ -280,7 +284,19 @@ def test_timm_models(name, train):
     """Every block of timm's model is converted (timm's own classes, as timm builds them, with
     stochastic depth), and the converted model computes, in float64, the outputs, gradients and
     running statistics of the original, on both layouts."""
-    model = timm_model(name, drop_path_rate=0.2).to(DEVICE, torch.float64).train(train)
+    check_converted_timm_model(timm_model(name, drop_path_rate=0.2), train)
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models_frozen_batchnorm(name):
+    """As test_timm_models, training, with every BN frozen by timm (torchvision's FrozenBatchNorm2d,
+    timm's FrozenBatchNormAct2d), as in a detection backbone."""
+    timm = pytest.importorskip("timm")
+    check_converted_timm_model(timm.layers.freeze_batch_norm_2d(timm_model(name)), True)
+
+
+def check_converted_timm_model(model, train):
+    model = model.to(DEVICE, torch.float64).train(train)
     original = copy.deepcopy(model)
     blocks = Counter(type(m).__name__ for m in model.modules() if type(m).__name__ in TIMM_BLOCKS)
     convert(model)

@@ -20,6 +20,7 @@ from tests.helpers import (
     BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules,
     compare_random_block, rand, randomize_bn, run_module,
 )
+from tests.reference.norms import freeze
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
 
 NHWC = torch.channels_last
@@ -104,6 +105,22 @@ def test_momentum_none_and_frozen_stats(backend):
         ref.bns[i] = nn.BatchNorm2d(bn.num_features, track_running_stats=False).double().eval()
     fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
     compare_modules(ref, fused, rand(2, 16, 4, 5), torch.float64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_frozen_batchnorm(backend, train):
+    """FrozenBatchNorm2d (detection backbones) everywhere, in train mode too: the chain folds the
+    frozen branch BNs into its convs as in eval mode; and frozen branches in a training block."""
+    for name in ("normal-4s", "timm-stage-card"):
+        factory, inplanes = CONFIGS[name]
+        ref = freeze(randomize_bn(factory())).to(DEVICE, torch.float64).train(train)
+        fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
+        compare_modules(ref, fused, rand(2, inplanes, 5, 6), torch.float64, steps=2)
+    ref = randomize_bn(Bottle2neck(16, 4, scale=3)).double().train(train)
+    ref.bns = freeze(ref.bns)
+    compare_modules(ref, FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend),
+                    rand(2, 16, 4, 5), torch.float64)
 
 
 def test_tiles_and_splits(monkeypatch):

@@ -17,6 +17,7 @@ from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, check_rejects_bad_input, compare_modules,
     compare_random_block, rand, randomize_bn, run_module,
 )
+from tests.reference.norms import BatchNormAct2d, freeze
 from tests.reference.sk import SelectiveKernel, SKConv
 
 # SKConv(features, WH, M, G, r, stride, L): branches reading the whole input, grouped (the buffer
@@ -141,6 +142,30 @@ def test_tails_on_separate_ops(backend, train):
     for m, c in ((ref, channels), (sk_ref, sk_channels)):
         m.train(train)
         compare_modules(m, FusedSKConv.from_module(m, backend=backend), rand(2, c, 5, 7), torch.float64)
+
+
+def with_norm_act(m: SelectiveKernel) -> SelectiveKernel:
+    """``m`` with its paths' ReLU inside their norms, as timm 1.0's ConvNormAct builds them."""
+    for path in m.paths:
+        bn = BatchNormAct2d(path.bn.num_features).to(path.bn.running_mean)
+        bn.load_state_dict(path.bn.state_dict())
+        path.bn = bn
+    return m
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_norm_act_and_frozen_batchnorm(backend, train):
+    """timm's BatchNormAct2d paths, and every BN frozen (FrozenBatchNorm2d; FrozenBatchNormAct2d in
+    timm's paths), which normalises with its buffers in train mode too."""
+    sk = SKConv(**SK_CONFIGS["m3g4-s2"])
+    timm = [with_norm_act(SelectiveKernel(**TIMM_CONFIGS[name])) for name in ("split", "whole")]
+    for m, frozen in ((timm[0], False), (sk, True), (timm[0], True), (timm[1], True)):
+        ref = randomize_bn(copy.deepcopy(m))
+        ref = (freeze(ref) if frozen else ref).to(DEVICE, torch.float64).train(train)
+        fused = FusedSKConv.from_module(ref, backend=backend)
+        assert fused.state_dict().keys() == ref.state_dict().keys()
+        compare_modules(ref, fused, rand(2, 8, 5, 7), torch.float64, steps=2)
 
 
 @pytest.mark.parametrize("backend", backend_params())

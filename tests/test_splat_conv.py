@@ -16,6 +16,7 @@ from tests.helpers import (
     randomize_bn, run_module,
 )
 from tests.reference import SplAtConv2d, SplitAttn
+from tests.reference.norms import FrozenBatchNorm2d, freeze
 
 BN = nn.BatchNorm2d
 
@@ -113,6 +114,27 @@ def test_attention_mlp_on_separate_ops(backend, train):
     compare_modules(ref, fused, rand(2, 16, 5, 7), torch.float64)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_frozen_batchnorm(backend, train):
+    """FrozenBatchNorm2d (detection backbones) normalises with its buffers in train mode too: both
+    BNs frozen (on the fused op), only bn0 (bn1 training, on the fused op), only bn1 (bn0 training),
+    and as the constructor's norm_layer."""
+    both = freeze(randomize_bn(SplAtConv2d(**CONFIGS["4s2x"])))
+    bn0_only = randomize_bn(SplitAttn(16, 8, radix=2, norm_layer=BN))
+    bn0_only.bn0 = freeze(nn.Sequential(bn0_only.bn0))[0]
+    bn1_only = randomize_bn(SplAtConv2d(**CONFIGS["1s4x"]))
+    bn1_only.bn1 = freeze(nn.Sequential(bn1_only.bn1))[0]
+    for ref in (both, bn0_only, bn1_only):
+        ref = ref.to(DEVICE, torch.float64).train(train)
+        fused = splat.FusedSplAtConv2d.from_module(ref, backend=backend)
+        compare_modules(ref, fused, rand(2, ref.conv.in_channels, 5, 7), torch.float64, steps=2)
+    config = dict(CONFIGS["resnest"], norm_layer=FrozenBatchNorm2d)
+    ref, fused = make_pair(config, backend)
+    assert type(fused.bn0) is FrozenBatchNorm2d
+    compare_modules(ref.train(train), fused.train(train), rand(2, 16, 5, 5), torch.float64)
+
+
 def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="act0 is SiLU"):
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, act_layer=nn.SiLU))
@@ -125,7 +147,7 @@ def test_from_module_rejects_unsupported():
 def test_bn0_swapped_after_construction_is_refused():
     """convert_sync_batchnorm after convert: the kernels would silently use local batch statistics."""
     fused = nn.SyncBatchNorm.convert_sync_batchnorm(splat.FusedSplAtConv2d(16, 8, 3, norm_layer=BN)).to(DEVICE)
-    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d can be fused, got SyncBatchNorm"):
+    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d or a FrozenBatchNorm2d can be fused, got SyncBatchNorm"):
         fused(rand(2, 16, 5, 5, dtype=torch.float32))
 
 
@@ -164,16 +186,31 @@ def test_torch_compile_fullgraph(backend):
             torch.testing.assert_close(g, exp_grads[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+class CastingFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """detectron2's FrozenBatchNorm2d under autocast: the result cast back to the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x).to(x.dtype)
+
+
+CastingFrozenBatchNorm2d.__name__ = "FrozenBatchNorm2d"
+
+
+@pytest.mark.parametrize("norm", [BN, FrozenBatchNorm2d, CastingFrozenBatchNorm2d], ids=["bn", "frozen", "casting"])
+@pytest.mark.parametrize("config", ["resnest", "1s4x"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_autocast_output_dtype(train):
-    """Under autocast the fused module returns the dtype (and about the values) the reference returns."""
-    device = DEVICE.type
-    low = torch.bfloat16
-    ref, fused = make_pair(CONFIGS["resnest"], "auto", torch.float32)
+def test_autocast_output_dtype(train, config, norm):
+    """Under autocast the fused module returns the dtype (and about the values) the reference returns,
+    also with frozen BNs whose float32 buffers promote the normalised conv output (torchvision's)."""
+    ref, fused = make_pair(dict(CONFIGS[config], norm_layer=norm), "auto", torch.float32)
+    for bn in (ref.bn0, ref.bn1):
+        if not isinstance(bn, BN):
+            bn.running_mean.normal_()
+    fused.load_state_dict(ref.state_dict())
     ref.train(train)
     fused.train(train)
-    x = rand(2, 16, 6, 6, dtype=torch.float32)
-    with torch.autocast(device, dtype=low):
+    x = rand(2, CONFIGS[config]["in_channels"], 6, 6, dtype=torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out, exp = fused(x), ref(x)
     assert out.dtype == exp.dtype
     torch.testing.assert_close(out.float(), exp.float(), rtol=5e-2, atol=5e-2)

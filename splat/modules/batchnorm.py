@@ -8,15 +8,77 @@ from splat.modules._constants import constant
 from splat.ops import channel_stats
 
 
-def check_batchnorm(norm: nn.Module, name: str) -> nn.BatchNorm2d:
-    """The kernels fold plain BatchNorm2d; other norms (SyncBatchNorm, GroupNorm, ...) are refused."""
-    if type(norm) is not nn.BatchNorm2d:
-        raise ValueError(f"{name}: only torch.nn.BatchNorm2d can be fused, got {type(norm).__name__}")
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_batchnorm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a FrozenBatchNorm2d (torchvision's, detectron2's, timm's or
+    :class:`FrozenBatchNorm2d`), recognised by class name and buffers wherever it was defined:
+    a BatchNorm2d whose statistics and affine are fixed buffers, used in train mode too."""
+    return (
+        type(norm).__name__ == "FrozenBatchNorm2d"
+        and all(isinstance(norm._buffers.get(b), Tensor) for b in _FROZEN_BUFFERS)
+        and isinstance(getattr(norm, "eps", None), float)
+    )
+
+
+def is_fusable_batchnorm(norm: nn.Module) -> bool:
+    """Whether the kernels can fold ``norm``: a plain BatchNorm2d or a FrozenBatchNorm2d (not
+    SyncBatchNorm, whose training statistics span processes, nor subclasses that add layers)."""
+    return type(norm) is nn.BatchNorm2d or is_frozen_batchnorm(norm)
+
+
+def check_batchnorm(norm: nn.Module, name: str) -> nn.Module:
+    """``norm`` if the kernels can fold it (see ``is_fusable_batchnorm``), else ValueError naming it."""
+    if not is_fusable_batchnorm(norm):
+        raise ValueError(
+            f"{name}: only torch.nn.BatchNorm2d or a FrozenBatchNorm2d can be fused, got {type(norm).__name__}"
+        )
     return norm
 
 
-def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or not bn.track_running_stats
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine, (C,) buffers ``weight``, ``bias``,
+    ``running_mean``, ``running_var`` (the keys of torchvision's and timm's FrozenBatchNorm2d):
+    y = x * scale + (bias - running_mean * scale), scale = weight / sqrt(running_var + eps).
+    What timm's FrozenBatchNormAct2d becomes inside a fused block, whose kernels apply the ReLU."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, device=None, dtype=None):
+        super().__init__()
+        self.num_features, self.eps = num_features, float(eps)
+        factory = {"device": device, "dtype": dtype}
+        for name, fill in zip(_FROZEN_BUFFERS, (1.0, 0.0, 0.0, 1.0)):
+            self.register_buffer(name, torch.full((num_features,), fill, **factory))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether the fusable norm ``bn`` normalises with the batch's statistics (else its running ones)."""
+    return not is_frozen_batchnorm(bn) and (bn.training or not bn.track_running_stats)
+
+
+def _num_channels(bn: nn.Module) -> int:
+    return bn.weight.numel() if is_frozen_batchnorm(bn) else bn.num_features
+
+
+def normalized_dtype(y: Tensor, bns: list[nn.Module]) -> torch.dtype:
+    """The dtype of the original block's bn(y), y (B > 0, C, H, W) and ``bns`` the fusable norms
+    over its channels. BatchNorm2d keeps y's dtype. A FrozenBatchNorm2d is plain arithmetic on its
+    buffers: under autocast torchvision's promotes a bfloat16 y to its float32 buffers while
+    detectron2's casts back, so where the dtypes differ its own forward is asked, on one pixel."""
+    dtype = y.dtype
+    for bn in bns:
+        if is_frozen_batchnorm(bn) and bn.weight.dtype != y.dtype:
+            with torch.no_grad():
+                dtype = torch.promote_types(dtype, bn(y[:1, : _num_channels(bn), :1, :1]).dtype)
+    return dtype
 
 
 def update_running_stats(updates: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int]]) -> None:
@@ -28,7 +90,7 @@ def update_running_stats(updates: list[tuple[nn.BatchNorm2d, Tensor, Tensor, int
     statistics' dtype, as usual, all of them update in three multi-tensor ops (as optimizers
     update parameters): each op costs the host a launch in eager mode, and one BN alone took four.
     """
-    updates = [u for u in updates if u[0].training and u[0].track_running_stats]
+    updates = [u for u in updates if uses_batch_stats(u[0]) and u[0].track_running_stats]
     if not updates:
         return
     momentum = updates[0][0].momentum
@@ -65,10 +127,10 @@ def _identity(channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
     """bn's (weight, bias) in the accumulation dtype of ``like``: ones and zeros without affine."""
-    if bn.affine:
+    if bn.weight is not None:  # affine, or frozen (its buffers)
         acc = _layout.acc_dtype(like.dtype)
         return _layout.cast(bn.weight, acc), _layout.cast(bn.bias, acc)
-    return _identity(bn.num_features, like)
+    return _identity(_num_channels(bn), like)
 
 
 def _fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,7 +155,7 @@ def batch_norm_scale_shift(
     """
     n = y.shape[0] * y.shape[2] * y.shape[3]
     batch_mean = batch_var = None
-    if any(_uses_batch_stats(bn) for bn in bns):
+    if any(uses_batch_stats(bn) for bn in bns):
         if n <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
@@ -105,9 +167,9 @@ def batch_norm_scale_shift(
         update_running_stats(batch_updates(bns, batch_mean.detach(), batch_var.detach(), n))
     scales, shifts, start = [], [], 0
     for bn in bns:
-        channels = slice(start, start + bn.num_features)
-        start += bn.num_features
-        if _uses_batch_stats(bn):
+        channels = slice(start, start + _num_channels(bn))
+        start += _num_channels(bn)
+        if uses_batch_stats(bn):
             scale, shift = _fold(bn, batch_mean[channels], batch_var[channels], y)
         else:
             scale, shift = _running_fold(bn, y)
@@ -137,7 +199,7 @@ def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | 
     in the accumulation dtype of ``like`` and (with ``order``, see ``batch_norm_scale_shift``) in
     its channel order; None when one such tuple cannot express them (mixed modes or eps).
     Eval-mode BNs are folded into the affine map."""
-    modes = {_uses_batch_stats(bn) for bn in bns}
+    modes = {uses_batch_stats(bn) for bn in bns}
     if len(modes) != 1 or len({bn.eps for bn in bns}) != 1:
         return None
     batch_stats = modes.pop()
@@ -164,7 +226,7 @@ def batch_updates(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, n: int, 
         mean, var = mean[inverse], var[inverse]
     updates, start = [], 0
     for bn in bns:
-        channels = slice(start, start + bn.num_features)
-        start += bn.num_features
+        channels = slice(start, start + _num_channels(bn))
+        start += _num_channels(bn)
         updates.append((bn, mean, var, n) if len(bns) == 1 else (bn, mean[channels], var[channels], n))
     return updates

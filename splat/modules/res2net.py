@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules.batchnorm import batch_updates, check_batchnorm, update_running_stats
+from splat.modules.batchnorm import batch_updates, check_batchnorm, update_running_stats, uses_batch_stats
 from splat.modules.splat_conv import check_input
 from splat.ops.res2net_chain import output_size, res2net_chain
 
@@ -20,10 +20,6 @@ def _positive_int(v, name: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
     return v
-
-
-def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or not bn.track_running_stats
 
 
 class FusedBottle2neck(nn.Module):
@@ -86,12 +82,12 @@ class FusedBottle2neck(nn.Module):
 
     def _branch_bn(self, acc: torch.dtype):
         """The branch BNs as concatenated (nums*width,) vectors, and whether they use batch statistics."""
-        batch_stats = {_uses_batch_stats(bn) for bn in self.bns}
-        eps = {bn.eps for bn in self.bns}
-        if len(batch_stats) > 1 or len(eps) > 1:
-            raise ValueError("the branch BatchNorms must share eps and train/eval mode to be fused")
         for i, bn in enumerate(self.bns):
             check_batchnorm(bn, f"bns.{i}")
+        batch_stats = {uses_batch_stats(bn) for bn in self.bns}
+        eps = {bn.eps for bn in self.bns}
+        if len(batch_stats) > 1 or len(eps) > 1:
+            raise ValueError("the branch BatchNorms must share eps and the statistics they use (batch or running)")
         device, width = self.conv1.weight.device, self.width
 
         def cat(name: str, fill: float) -> Tensor:

@@ -49,7 +49,14 @@ from torch import Tensor, nn
 from splat import _layout
 from splat import backend as _backend
 from splat.modules._constants import constant
-from splat.modules.batchnorm import batch_norm_scale_shift, check_batchnorm, identity_bn, split_attention_bn
+from splat.modules.batchnorm import (
+    FrozenBatchNorm2d,
+    batch_norm_scale_shift,
+    check_batchnorm,
+    identity_bn,
+    is_fusable_batchnorm,
+    split_attention_bn,
+)
 from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
 
@@ -198,7 +205,7 @@ class _SelectiveKernelBase(nn.Module):
                 return logits.unsqueeze(1).softmax(1).squeeze(1)
             return radix_softmax(logits.reshape(B * K, -1), M, 1, self.backend).reshape(B, M * g.channels)
 
-        return split_attention_ops(y, scale, shift, attention, M, self.backend, groups=K)
+        return split_attention_ops(y, scale, shift, bns, attention, M, self.backend, groups=K)
 
 
 def _checked_relu(act: nn.Module, name: str) -> None:
@@ -206,20 +213,24 @@ def _checked_relu(act: nn.Module, name: str) -> None:
         raise ValueError(f"{name} is {type(act).__name__}; only ReLU is fused")
 
 
-def _plain_batchnorm(bn: nn.Module, name: str) -> nn.BatchNorm2d:
-    """A BatchNorm2d copy of ``bn``; timm's BatchNormAct2d (a BatchNorm2d with .act/.drop) must act as ReLU."""
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise ValueError(f"{name}: only torch.nn.BatchNorm2d can be fused, got {type(bn).__name__}")
-    if type(bn) is nn.BatchNorm2d:
+def _plain_batchnorm(bn: nn.Module, name: str) -> nn.Module:
+    """A copy of ``bn`` the kernels fold. timm's BatchNormAct2d and FrozenBatchNormAct2d (the norm,
+    then .drop, then .act) must act as ReLU and become a BatchNorm2d or :class:`FrozenBatchNorm2d`
+    with the same state_dict keys."""
+    if is_fusable_batchnorm(bn):
         return copy.deepcopy(bn)
-    if not hasattr(bn, "act"):
-        raise ValueError(f"{name}: only torch.nn.BatchNorm2d can be fused, got {type(bn).__name__}")
+    frozen = type(bn).__name__ == "FrozenBatchNormAct2d"
+    if not hasattr(bn, "act") or not (frozen or isinstance(bn, nn.BatchNorm2d)):
+        check_batchnorm(bn, name)  # raises: no norm the kernels fold
     _checked_relu(bn.act, f"{name}.act")
     if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
         raise ValueError(f"{name}.drop is {type(bn.drop).__name__}; only Identity is fused")
     w = bn.running_mean if bn.running_mean is not None else bn.weight
-    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                           device=w.device if w is not None else None, dtype=w.dtype if w is not None else None)
+    factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+    if frozen:
+        plain = FrozenBatchNorm2d(bn.running_mean.numel(), bn.eps, **factory)
+    else:
+        plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory)
     plain.load_state_dict(bn.state_dict())
     return plain.train(bn.training)
 
@@ -411,7 +422,7 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
 
     def _mlp(self):
         attn = self.attn
-        if type(attn.bn) is not nn.BatchNorm2d or type(attn.act) is not nn.ReLU:
+        if not is_fusable_batchnorm(attn.bn) or type(attn.act) is not nn.ReLU:
             return None
         fc1, fc2 = attn.fc_reduce, attn.fc_select
         return fc1.weight.flatten(1), fc1.bias, attn.bn, True, fc2.weight.flatten(1), fc2.bias
@@ -420,7 +431,8 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSelectiveKernel":
         """A FusedSelectiveKernel computing what timm's ``SelectiveKernel`` ``m`` computes (paths of
         ConvNormAct with ReLU, any attn.bn/act). Weights and buffers are copied (timm's BatchNormAct2d
-        becomes a BatchNorm2d with the same keys); device, dtype and train/eval mode are kept."""
+        and FrozenBatchNormAct2d become a BatchNorm2d and a FrozenBatchNorm2d with the same keys);
+        device, dtype and train/eval mode are kept."""
         name = type(m).__name__
         if not (hasattr(m, "paths") and hasattr(m, "attn")):
             raise TypeError(f"{name} is not a SelectiveKernel (paths, attn)")

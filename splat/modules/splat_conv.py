@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from splat import _layout
 from splat import backend as _backend
 from splat.modules.batchnorm import (
     batch_norm_scale_shift,
@@ -14,6 +15,8 @@ from splat.modules.batchnorm import (
     check_batchnorm,
     identity_bn,
     identity_scale_shift,
+    is_fusable_batchnorm,
+    normalized_dtype,
     split_attention_bn,
     update_running_stats,
 )
@@ -21,17 +24,18 @@ from splat.ops import attention_sum, radix_pool, radix_softmax, split_attention
 
 
 def split_attention_ops(
-    y: Tensor, scale: Tensor, shift: Tensor, attention, radix: int, backend: str, groups: int = 1
+    y: Tensor, scale: Tensor, shift: Tensor, bns: list, attention, radix: int, backend: str, groups: int = 1
 ) -> Tensor:
     """The split-attention tail on the separate ops, for attention MLPs that ``splat::split_attention``
     does not take (other norms or activations); shared by the ResNeSt and SK blocks.
 
     y (B, R*C, H, W) conv output (radix-major, or (k, r, j)-ordered with ``groups`` K), (scale, shift)
-    the folded BN of y, ``attention`` maps the pooled (B, C) to the weights (B, R*C) in y's channel
-    order. Returns (B, C, H, W) in y's layout.
+    the folded ``bns`` of y (empty: none), ``attention`` maps the pooled (B, C) to the weights
+    (B, R*C) in y's channel order. Returns (B, C, H, W) in y's layout.
     """
     gap = radix_pool(y, scale, shift, radix, backend, groups=groups)
-    return attention_sum(y, scale, shift, attention(gap), radix, backend, groups=groups)
+    out = attention_sum(y, scale, shift, attention(gap), radix, backend, groups=groups)
+    return _layout.cast(out, torch.promote_types(out.dtype, normalized_dtype(y, bns)))
 
 
 def attention_dtype(y: Tensor, fc2_weight: Tensor, radix: int) -> torch.dtype:
@@ -53,7 +57,8 @@ def fused_tail(
     out, mean0, var0, mean1, var1 = split_attention(
         y, bn0=bn0, fc1_weight=fc1_weight, fc1_bias=fc1_bias, bn1=bn1, relu=relu, fc2_weight=fc2_weight,
         fc2_bias=fc2_bias, radix=radix, cardinality=cardinality, groups=groups,
-        out_dtype=torch.promote_types(y.dtype, attention_dtype(y, fc2_weight, radix)), backend=backend,
+        out_dtype=torch.promote_types(normalized_dtype(y, bn0_modules), attention_dtype(y, fc2_weight, radix)),
+        backend=backend,
     )
     updates = batch_updates(bn0_modules, mean0, var0, y.shape[0] * y.shape[2] * y.shape[3], order)
     if bn1_module is not None:
@@ -151,7 +156,7 @@ class FusedSplAtConv2d(nn.Module):
         if self.use_bn:  # bn0 may have been swapped since construction (convert_sync_batchnorm, say)
             check_batchnorm(self.bn0, "bn0")
         bn1 = getattr(self, "bn1", None)
-        if bn1 is None or type(bn1) is nn.BatchNorm2d:
+        if bn1 is None or is_fusable_batchnorm(bn1):
             return fused_tail(
                 y, split_attention_bn([self.bn0], y) if self.use_bn else identity_bn(y.shape[1], y),
                 [self.bn0] if self.use_bn else [], None, self.fc1.weight.flatten(1), self.fc1.bias,
@@ -163,7 +168,9 @@ class FusedSplAtConv2d(nn.Module):
         def attention(gap: Tensor) -> Tensor:
             return radix_softmax(self._mlp(gap), self.radix, self.cardinality, self.backend)
 
-        return split_attention_ops(y, scale, shift, attention, self.radix, self.backend)
+        return split_attention_ops(
+            y, scale, shift, [self.bn0] if self.use_bn else [], attention, self.radix, self.backend
+        )
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":

@@ -1,0 +1,72 @@
+"""Reference norms of the detection and timm worlds: FrozenBatchNorm2d (torchvision's layout and
+arithmetic), timm's BatchNormAct2d / FrozenBatchNormAct2d (the activation inside the norm), and
+``freeze``, which does what timm's ``freeze_batch_norm_2d`` does to a model."""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine, all buffers, in train mode too. Under autocast
+    the float32 buffers promote a bfloat16 input, as torchvision's do."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + bias
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: act(drop(bn(x))), with the state_dict keys of a BatchNorm2d."""
+
+    def __init__(self, num_features, act_layer=nn.ReLU):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act_layer()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm's FrozenBatchNormAct2d: act(drop(frozen_bn(x)))."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__(num_features, eps)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def _frozen_copy(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    frozen = (FrozenBatchNormAct2d if hasattr(bn, "act") else FrozenBatchNorm2d)(bn.num_features, bn.eps)
+    if hasattr(bn, "act"):
+        frozen.drop, frozen.act = copy.deepcopy(bn.drop), copy.deepcopy(bn.act)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(bn, name) is not None:
+                getattr(frozen, name).copy_(getattr(bn, name))
+    return frozen.to(bn.running_mean.device, bn.running_mean.dtype)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d (BatchNormAct2d) inside replaced, in place, by a
+    FrozenBatchNorm2d (FrozenBatchNormAct2d) holding its statistics and affine."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _frozen_copy(child))
+        else:
+            freeze(child)
+    return module
