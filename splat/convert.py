@@ -15,7 +15,7 @@ class name         attributes                             replaced by
 =================  =====================================  ==========================
 
 Anything else is left alone, and so is a recognised module whose configuration the fused
-kernels do not cover (DropBlock, a non-ReLU activation, SyncBatchNorm, ...; its ``from_module``
+kernels do not cover (DropBlock, a non-ReLU activation, a GroupNorm, ...; its ``from_module``
 raises ValueError) or that has, on itself or inside, forward or backward hooks (the fused module
 would silently not run them) or parametrized tensors (not carried over). Such a module is
 reported as skipped, with the reason.

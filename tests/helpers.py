@@ -128,6 +128,27 @@ def compare_random_block(block, from_module, shape, layout, train):
     compare_modules(ref, from_module(copy.deepcopy(ref)), rand(*shape, layout=layout), torch.float64)
 
 
+def pretend_synchronising(monkeypatch):
+    """Make the fused blocks treat every training SyncBatchNorm as synchronising across processes,
+    so they run it as a module. Without a process group the module is a BatchNorm2d, so the
+    result must not change: what a CPU can check of the path real multi-process training takes."""
+    def synchronises(norm):
+        return type(norm) is torch.nn.SyncBatchNorm and norm.training
+
+    for module in ("splat_conv", "sk_conv", "res2net"):
+        monkeypatch.setattr(f"splat.modules.{module}.synchronises", synchronises)
+
+
+def count_calls(module, cls):
+    """{name: number of forward calls}, kept up to date, of every ``cls`` module inside ``module``."""
+    calls = {}
+    for name, m in module.named_modules():
+        if type(m) is cls:
+            calls[name] = 0
+            m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
 CUDA_GRAPH_WARMUP = 3
 
 

@@ -62,13 +62,16 @@ def run(model, x, grad=None):
     return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen-bn"])
+NORMS = {"bn": lambda m: m, "frozen-bn": freeze, "sync-bn": nn.SyncBatchNorm.convert_sync_batchnorm}
+
+
+@pytest.mark.parametrize("norms", list(NORMS))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_small_net_matches_unconverted(layout, train, frozen):
-    """Every block converted, also with every BatchNorm2d frozen (a detection backbone)."""
-    model = small_net()
-    model = (freeze(model) if frozen else model).to(DEVICE, torch.float64).train(train)
+def test_small_net_matches_unconverted(layout, train, norms):
+    """Every block converted, also with every BatchNorm2d frozen (a detection backbone) or
+    synchronised (multi-process training; here one process, where it is a BatchNorm2d)."""
+    model = NORMS[norms](small_net()).to(DEVICE, torch.float64).train(train)
     if layout == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     original = copy.deepcopy(model)
@@ -287,12 +290,14 @@ def test_timm_models(name, train):
     check_converted_timm_model(timm_model(name, drop_path_rate=0.2), train)
 
 
+@pytest.mark.parametrize("norms", ["freeze_batch_norm_2d", "convert_sync_batchnorm"])
 @pytest.mark.parametrize("name", TIMM_MODELS)
-def test_timm_models_frozen_batchnorm(name):
-    """As test_timm_models, training, with every BN frozen by timm (torchvision's FrozenBatchNorm2d,
-    timm's FrozenBatchNormAct2d), as in a detection backbone."""
+def test_timm_models_other_batchnorms(name, norms):
+    """As test_timm_models, training, with every BN replaced by timm: frozen (torchvision's
+    FrozenBatchNorm2d, timm's FrozenBatchNormAct2d), as in a detection backbone, or synchronised
+    (SyncBatchNorm, timm's SyncBatchNormAct; one process here, where it does not synchronise)."""
     timm = pytest.importorskip("timm")
-    check_converted_timm_model(timm.layers.freeze_batch_norm_2d(timm_model(name)), True)
+    check_converted_timm_model(getattr(timm.layers, norms)(timm_model(name)), True)
 
 
 def check_converted_timm_model(model, train):

@@ -18,7 +18,7 @@ from splat.modules.res2net import FusedBottle2neck
 from splat.ops.res2net_chain import res2net_chain
 from tests.helpers import (
     BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules,
-    compare_random_block, rand, randomize_bn, run_module,
+    compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
 from tests.reference.norms import freeze
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
@@ -121,6 +121,23 @@ def test_frozen_batchnorm(backend, train):
     ref.bns = freeze(ref.bns)
     compare_modules(ref, FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend),
                     rand(2, 16, 4, 5), torch.float64)
+
+
+@pytest.mark.parametrize("synchronising", [False, True], ids=["local", "synchronising"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_sync_batchnorm(backend, train, synchronising, monkeypatch):
+    """SyncBatchNorm branch BNs: folded into the chain where they do not synchronise; where they do,
+    each step's statistics span the processes, and the chain runs on the modules."""
+    if synchronising:
+        pretend_synchronising(monkeypatch)
+    for name in ("normal-4s", "timm-stage-card"):
+        factory, inplanes = CONFIGS[name]
+        ref = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(factory())).to(DEVICE, torch.float64).train(train)
+        fused = FusedBottle2neck.from_module(copy.deepcopy(ref), backend=backend)
+        calls = count_calls(fused.bns, nn.SyncBatchNorm)
+        compare_modules(ref, fused, rand(2, inplanes, 5, 6), torch.float64, steps=2)
+        assert calls and set(calls.values()) == {2 * synchronising * train}, calls
 
 
 def test_tiles_and_splits(monkeypatch):

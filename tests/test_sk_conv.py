@@ -15,9 +15,9 @@ from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
 from splat.ops import attention_sum, radix_pool
 from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, check_rejects_bad_input, compare_modules,
-    compare_random_block, rand, randomize_bn, run_module,
+    compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
-from tests.reference.norms import BatchNormAct2d, freeze
+from tests.reference.norms import BatchNormAct2d, SyncBatchNormAct, freeze
 from tests.reference.sk import SelectiveKernel, SKConv
 
 # SKConv(features, WH, M, G, r, stride, L): branches reading the whole input, grouped (the buffer
@@ -144,10 +144,10 @@ def test_tails_on_separate_ops(backend, train):
         compare_modules(m, FusedSKConv.from_module(m, backend=backend), rand(2, c, 5, 7), torch.float64)
 
 
-def with_norm_act(m: SelectiveKernel) -> SelectiveKernel:
-    """``m`` with its paths' ReLU inside their norms, as timm 1.0's ConvNormAct builds them."""
+def with_norm_act(m: SelectiveKernel, cls=BatchNormAct2d) -> SelectiveKernel:
+    """``m`` with its paths' ReLU inside their norms (``cls``), as timm 1.0's ConvNormAct builds them."""
     for path in m.paths:
-        bn = BatchNormAct2d(path.bn.num_features).to(path.bn.running_mean)
+        bn = cls(path.bn.num_features).to(path.bn.running_mean)
         bn.load_state_dict(path.bn.state_dict())
         path.bn = bn
     return m
@@ -166,6 +166,26 @@ def test_norm_act_and_frozen_batchnorm(backend, train):
         fused = FusedSKConv.from_module(ref, backend=backend)
         assert fused.state_dict().keys() == ref.state_dict().keys()
         compare_modules(ref, fused, rand(2, 8, 5, 7), torch.float64, steps=2)
+
+
+@pytest.mark.parametrize("synchronising", [False, True], ids=["local", "synchronising"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_sync_batchnorm(backend, train, synchronising, monkeypatch):
+    """SyncBatchNorm (timm's SyncBatchNormAct in the paths): folded where it does not synchronise;
+    where it does, the branch norms run as modules (on the branch-major channels of a grouped
+    buffer) and the kernels on their output, and the attention's norm on the separate ops."""
+    if synchronising:
+        pretend_synchronising(monkeypatch)
+    sk = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(SKConv(**SK_CONFIGS["m3g4-s2"])))
+    timm = with_norm_act(randomize_bn(SelectiveKernel(**TIMM_CONFIGS["whole"])), SyncBatchNormAct)
+    timm.attn = nn.SyncBatchNorm.convert_sync_batchnorm(timm.attn)
+    for ref in (sk, timm):
+        ref = ref.to(DEVICE, torch.float64).train(train)
+        fused = FusedSKConv.from_module(ref, backend=backend)
+        calls = count_calls(fused, nn.SyncBatchNorm)
+        compare_modules(ref, fused, rand(2, 8, 5, 7), torch.float64, steps=2)
+        assert calls and set(calls.values()) == {2 * synchronising * train}, calls
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -188,7 +208,7 @@ def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="convs.1.2 is SiLU"):
         FusedSKConv.from_module(m)
     m = SKConv(**SK_CONFIGS["m2g2"])
-    m.convs[0][1] = nn.SyncBatchNorm(8)
+    m.convs[0][1] = nn.GroupNorm(2, 8)
     with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
         FusedSKConv.from_module(m)
     m = SKConv(**SK_CONFIGS["m2g2"])

@@ -13,7 +13,7 @@ from torch import nn
 import splat
 from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules, rand,
-    randomize_bn, run_module,
+    count_calls, pretend_synchronising, randomize_bn, run_module,
 )
 from tests.reference import SplAtConv2d, SplitAttn
 from tests.reference.norms import FrozenBatchNorm2d, freeze
@@ -141,14 +141,37 @@ def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="DropBlock"):
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, drop_layer=lambda: nn.Dropout()))
     with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
-        splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, norm_layer=nn.SyncBatchNorm))
+        splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, norm_layer=lambda c: nn.GroupNorm(2, c)))
 
 
 def test_bn0_swapped_after_construction_is_refused():
-    """convert_sync_batchnorm after convert: the kernels would silently use local batch statistics."""
-    fused = nn.SyncBatchNorm.convert_sync_batchnorm(splat.FusedSplAtConv2d(16, 8, 3, norm_layer=BN)).to(DEVICE)
-    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d or a FrozenBatchNorm2d can be fused, got SyncBatchNorm"):
+    """A norm swapped in after construction is checked at the forward: the kernels would fold it as a BN."""
+    fused = splat.FusedSplAtConv2d(16, 8, 3, norm_layer=BN).to(DEVICE)
+    fused.bn0 = nn.GroupNorm(2, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d can "
+                                         "be fused, got GroupNorm"):
         fused(rand(2, 16, 5, 5, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("synchronising", [False, True], ids=["local", "synchronising"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_sync_batchnorm(backend, train, synchronising, monkeypatch):
+    """SyncBatchNorm, from the original and swapped in after construction (convert_sync_batchnorm
+    after convert): folded like a BatchNorm2d where it does not synchronise; run as a module, with
+    the kernels on its output, where it does (running statistics updated once, by the module)."""
+    if synchronising:
+        pretend_synchronising(monkeypatch)
+    for config in ("resnest", "1s4x"):
+        ref = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(SplAtConv2d(**CONFIGS[config])))
+        ref = ref.to(DEVICE, torch.float64).train(train)
+        for fused in (splat.FusedSplAtConv2d.from_module(ref, backend=backend),
+                      nn.SyncBatchNorm.convert_sync_batchnorm(make_pair(CONFIGS[config], backend)[1])):
+            fused.load_state_dict(ref.state_dict())
+            fused.train(train)
+            calls = count_calls(fused, nn.SyncBatchNorm)
+            compare_modules(copy.deepcopy(ref), fused, rand(2, ref.conv.in_channels, 5, 7), torch.float64, steps=2)
+            assert calls == {"bn0": 2 * synchronising * train, "bn1": 2 * synchronising * train}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

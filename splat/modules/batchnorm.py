@@ -23,18 +23,31 @@ def is_frozen_batchnorm(norm: nn.Module) -> bool:
 
 
 def is_fusable_batchnorm(norm: nn.Module) -> bool:
-    """Whether the kernels can fold ``norm``: a plain BatchNorm2d or a FrozenBatchNorm2d (not
-    SyncBatchNorm, whose training statistics span processes, nor subclasses that add layers)."""
-    return type(norm) is nn.BatchNorm2d or is_frozen_batchnorm(norm)
+    """Whether the fused blocks take ``norm``: BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d
+    (not subclasses that add layers). The kernels fold it, except a SyncBatchNorm while it
+    ``synchronises``."""
+    return type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_batchnorm(norm)
 
 
 def check_batchnorm(norm: nn.Module, name: str) -> nn.Module:
-    """``norm`` if the kernels can fold it (see ``is_fusable_batchnorm``), else ValueError naming it."""
+    """``norm`` if the fused blocks take it (see ``is_fusable_batchnorm``), else ValueError naming it."""
     if not is_fusable_batchnorm(norm):
         raise ValueError(
-            f"{name}: only torch.nn.BatchNorm2d or a FrozenBatchNorm2d can be fused, got {type(norm).__name__}"
+            f"{name}: only torch.nn.BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d can be fused, "
+            f"got {type(norm).__name__}"
         )
     return norm
+
+
+def synchronises(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a SyncBatchNorm that, called now, would reduce its batch statistics over
+    a process group of more than one (training under torch.distributed). The blocks then run it as
+    the module it is, and the kernels see its output; otherwise it is a BatchNorm2d and is folded."""
+    if type(norm) is not nn.SyncBatchNorm or not norm.training:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -64,7 +77,8 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return not is_frozen_batchnorm(bn) and (bn.training or not bn.track_running_stats)
 
 
-def _num_channels(bn: nn.Module) -> int:
+def num_channels(bn: nn.Module) -> int:
+    """The channel count of a fusable norm (torchvision's FrozenBatchNorm2d has no num_features)."""
     return bn.weight.numel() if is_frozen_batchnorm(bn) else bn.num_features
 
 
@@ -77,7 +91,7 @@ def normalized_dtype(y: Tensor, bns: list[nn.Module]) -> torch.dtype:
     for bn in bns:
         if is_frozen_batchnorm(bn) and bn.weight.dtype != y.dtype:
             with torch.no_grad():
-                dtype = torch.promote_types(dtype, bn(y[:1, : _num_channels(bn), :1, :1]).dtype)
+                dtype = torch.promote_types(dtype, bn(y[:1, : num_channels(bn), :1, :1]).dtype)
     return dtype
 
 
@@ -130,7 +144,7 @@ def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
     if bn.weight is not None:  # affine, or frozen (its buffers)
         acc = _layout.acc_dtype(like.dtype)
         return _layout.cast(bn.weight, acc), _layout.cast(bn.bias, acc)
-    return _identity(_num_channels(bn), like)
+    return _identity(num_channels(bn), like)
 
 
 def _fold(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,8 +181,8 @@ def batch_norm_scale_shift(
         update_running_stats(batch_updates(bns, batch_mean.detach(), batch_var.detach(), n))
     scales, shifts, start = [], [], 0
     for bn in bns:
-        channels = slice(start, start + _num_channels(bn))
-        start += _num_channels(bn)
+        channels = slice(start, start + num_channels(bn))
+        start += num_channels(bn)
         if uses_batch_stats(bn):
             scale, shift = _fold(bn, batch_mean[channels], batch_var[channels], y)
         else:
@@ -226,7 +240,7 @@ def batch_updates(bns: list[nn.BatchNorm2d], mean: Tensor, var: Tensor, n: int, 
         mean, var = mean[inverse], var[inverse]
     updates, start = [], 0
     for bn in bns:
-        channels = slice(start, start + _num_channels(bn))
-        start += _num_channels(bn)
+        channels = slice(start, start + num_channels(bn))
+        start += num_channels(bn)
         updates.append((bn, mean, var, n) if len(bns) == 1 else (bn, mean[channels], var[channels], n))
     return updates

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 from splat import _layout
 from splat import backend as _backend
-from splat.modules.batchnorm import batch_updates, check_batchnorm, update_running_stats, uses_batch_stats
+from splat.modules.batchnorm import (
+    batch_updates,
+    check_batchnorm,
+    synchronises,
+    update_running_stats,
+    uses_batch_stats,
+)
 from splat.modules.splat_conv import check_input
 from splat.ops.res2net_chain import output_size, res2net_chain
 
@@ -101,7 +107,8 @@ class FusedBottle2neck(nn.Module):
         return gamma, beta, mean, var, eps.pop(), batch_stats.pop()
 
     def _unfused_chain(self, out: Tensor) -> Tensor:
-        """The chain through the submodules, for empty batches (BN still counts them as batches)."""
+        """The chain through the submodules: for empty batches (BN still counts them as batches), and
+        for SyncBatchNorms that ``synchronises`` (each step's statistics span the processes)."""
         spx = torch.split(out, self.width, 1)
         pieces = []
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
@@ -115,7 +122,7 @@ class FusedBottle2neck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.conv1.weight, self.conv1.in_channels)
         out = F.relu(self.bn1(self.conv1(x)))
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 or any(synchronises(bn) for bn in self.bns):
             chain = self._unfused_chain(out)
         else:
             gamma, beta, running_mean, running_var, eps, batch_stats = self._branch_bn(_layout.acc_dtype(out.dtype))

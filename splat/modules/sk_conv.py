@@ -54,8 +54,11 @@ from splat.modules.batchnorm import (
     batch_norm_scale_shift,
     check_batchnorm,
     identity_bn,
+    identity_scale_shift,
     is_fusable_batchnorm,
+    num_channels,
     split_attention_bn,
+    synchronises,
 )
 from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
@@ -187,7 +190,9 @@ class _SelectiveKernelBase(nn.Module):
         if K > 1:
             order = constant(("sk order", M, g.channels, K, y.device), lambda: _branch_order(M, g.channels, K, y.device))
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
-        bn0 = split_attention_bn(bns, y, order) if mlp is not None else None
+        if any(synchronises(bn) for bn in bns):
+            y, bns = _run_norms(y, bns, order), []
+        bn0 = (split_attention_bn(bns, y, order) if bns else identity_bn(y.shape[1], y)) if mlp is not None else None
         if bn0 is not None:
             fc1_weight, fc1_bias, bn1, relu, fc2_weight, fc2_bias = mlp
             return fused_tail(
@@ -195,7 +200,7 @@ class _SelectiveKernelBase(nn.Module):
                 split_attention_bn([bn1], y) if bn1 is not None else identity_bn(fc1_weight.shape[0], y), bn1,
                 relu, fc2_weight, fc2_bias, M, 1, K, self.backend,
             )
-        scale, shift = batch_norm_scale_shift(y, bns, self.backend, order)
+        scale, shift = batch_norm_scale_shift(y, bns, self.backend, order) if bns else identity_scale_shift(y)
 
         def attention(gap: Tensor) -> Tensor:
             logits = self._logits(gap)
@@ -208,20 +213,29 @@ class _SelectiveKernelBase(nn.Module):
         return split_attention_ops(y, scale, shift, bns, attention, M, self.backend, groups=K)
 
 
+def _run_norms(y: Tensor, bns: list, order: Tensor | None) -> Tensor:
+    """y (B, M*C, H, W) in the buffer's channel order through the branch norms as modules (each
+    over its C channels of the branch-major order), for SyncBatchNorms that ``synchronises``."""
+    if order is not None:
+        y = y[:, torch.argsort(order)]
+    y = torch.cat([bn(part) for bn, part in zip(bns, y.split([num_channels(bn) for bn in bns], 1))], 1)
+    return y[:, order] if order is not None else y
+
+
 def _checked_relu(act: nn.Module, name: str) -> None:
     if type(act) is not nn.ReLU:
         raise ValueError(f"{name} is {type(act).__name__}; only ReLU is fused")
 
 
 def _plain_batchnorm(bn: nn.Module, name: str) -> nn.Module:
-    """A copy of ``bn`` the kernels fold. timm's BatchNormAct2d and FrozenBatchNormAct2d (the norm,
-    then .drop, then .act) must act as ReLU and become a BatchNorm2d or :class:`FrozenBatchNorm2d`
-    with the same state_dict keys."""
+    """A copy of ``bn`` the fused blocks take. timm's BatchNormAct2d, SyncBatchNormAct and
+    FrozenBatchNormAct2d (the norm, then .drop, then .act) must act as ReLU and become a
+    BatchNorm2d, SyncBatchNorm or :class:`FrozenBatchNorm2d` with the same state_dict keys."""
     if is_fusable_batchnorm(bn):
         return copy.deepcopy(bn)
     frozen = type(bn).__name__ == "FrozenBatchNormAct2d"
-    if not hasattr(bn, "act") or not (frozen or isinstance(bn, nn.BatchNorm2d)):
-        check_batchnorm(bn, name)  # raises: no norm the kernels fold
+    if not hasattr(bn, "act") or not (frozen or isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))):
+        check_batchnorm(bn, name)  # raises: no norm the blocks take
     _checked_relu(bn.act, f"{name}.act")
     if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
         raise ValueError(f"{name}.drop is {type(bn.drop).__name__}; only Identity is fused")
@@ -230,7 +244,11 @@ def _plain_batchnorm(bn: nn.Module, name: str) -> nn.Module:
     if frozen:
         plain = FrozenBatchNorm2d(bn.running_mean.numel(), bn.eps, **factory)
     else:
-        plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory)
+        args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if isinstance(bn, nn.SyncBatchNorm):
+            plain = nn.SyncBatchNorm(*args, process_group=bn.process_group, **factory)
+        else:
+            plain = nn.BatchNorm2d(*args, **factory)
     plain.load_state_dict(bn.state_dict())
     return plain.train(bn.training)
 
@@ -422,7 +440,7 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
 
     def _mlp(self):
         attn = self.attn
-        if not is_fusable_batchnorm(attn.bn) or type(attn.act) is not nn.ReLU:
+        if not is_fusable_batchnorm(attn.bn) or synchronises(attn.bn) or type(attn.act) is not nn.ReLU:
             return None
         fc1, fc2 = attn.fc_reduce, attn.fc_select
         return fc1.weight.flatten(1), fc1.bias, attn.bn, True, fc2.weight.flatten(1), fc2.bias
@@ -430,9 +448,9 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSelectiveKernel":
         """A FusedSelectiveKernel computing what timm's ``SelectiveKernel`` ``m`` computes (paths of
-        ConvNormAct with ReLU, any attn.bn/act). Weights and buffers are copied (timm's BatchNormAct2d
-        and FrozenBatchNormAct2d become a BatchNorm2d and a FrozenBatchNorm2d with the same keys);
-        device, dtype and train/eval mode are kept."""
+        ConvNormAct with ReLU, any attn.bn/act). Weights and buffers are copied (timm's BatchNormAct2d,
+        SyncBatchNormAct and FrozenBatchNormAct2d become the plain norm, with the same keys); device,
+        dtype and train/eval mode are kept."""
         name = type(m).__name__
         if not (hasattr(m, "paths") and hasattr(m, "attn")):
             raise TypeError(f"{name} is not a SelectiveKernel (paths, attn)")

@@ -18,6 +18,7 @@ from splat.modules.batchnorm import (
     is_fusable_batchnorm,
     normalized_dtype,
     split_attention_bn,
+    synchronises,
     update_running_stats,
 )
 from splat.ops import attention_sum, radix_pool, radix_softmax, split_attention
@@ -153,24 +154,27 @@ class FusedSplAtConv2d(nn.Module):
             y = y * self._rectify_ratio(x, y)
         if y.shape[0] == 0:
             return y[:, : self.channels]
+        bn0s = []  # the BN the kernels fold, if any
         if self.use_bn:  # bn0 may have been swapped since construction (convert_sync_batchnorm, say)
             check_batchnorm(self.bn0, "bn0")
+            if synchronises(self.bn0):
+                y = self.bn0(y)
+            else:
+                bn0s = [self.bn0]
         bn1 = getattr(self, "bn1", None)
-        if bn1 is None or is_fusable_batchnorm(bn1):
+        if bn1 is None or (is_fusable_batchnorm(bn1) and not synchronises(bn1)):
             return fused_tail(
-                y, split_attention_bn([self.bn0], y) if self.use_bn else identity_bn(y.shape[1], y),
-                [self.bn0] if self.use_bn else [], None, self.fc1.weight.flatten(1), self.fc1.bias,
+                y, split_attention_bn(bn0s, y) if bn0s else identity_bn(y.shape[1], y), bn0s, None,
+                self.fc1.weight.flatten(1), self.fc1.bias,
                 split_attention_bn([bn1], y) if bn1 is not None else identity_bn(self.fc1.out_channels, y), bn1,
                 True, self.fc2.weight.flatten(1), self.fc2.bias, self.radix, self.cardinality, 1, self.backend,
             )
-        scale, shift = batch_norm_scale_shift(y, [self.bn0], self.backend) if self.use_bn else identity_scale_shift(y)
+        scale, shift = batch_norm_scale_shift(y, bn0s, self.backend) if bn0s else identity_scale_shift(y)
 
         def attention(gap: Tensor) -> Tensor:
             return radix_softmax(self._mlp(gap), self.radix, self.cardinality, self.backend)
 
-        return split_attention_ops(
-            y, scale, shift, [self.bn0] if self.use_bn else [], attention, self.radix, self.backend
-        )
+        return split_attention_ops(y, scale, shift, bn0s, attention, self.radix, self.backend)
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":

@@ -1,5 +1,6 @@
 """Reference norms of the detection and timm worlds: FrozenBatchNorm2d (torchvision's layout and
-arithmetic), timm's BatchNormAct2d / FrozenBatchNormAct2d (the activation inside the norm), and
+arithmetic), timm's BatchNormAct2d / SyncBatchNormAct / FrozenBatchNormAct2d (the activation
+inside the norm), and
 ``freeze``, which does what timm's ``freeze_batch_norm_2d`` does to a model."""
 
 import copy
@@ -33,6 +34,18 @@ class BatchNormAct2d(nn.BatchNorm2d):
         super().__init__(num_features)
         self.drop = nn.Identity()
         self.act = act_layer()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNormAct: act(drop(sync_bn(x)))."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
 
     def forward(self, x):
         return self.act(self.drop(super().forward(x)))
