@@ -139,6 +139,13 @@ def pretend_synchronising(monkeypatch):
         monkeypatch.setattr(f"splat.modules.{module}.synchronises", synchronises)
 
 
+def as_subclass(module, name):
+    """``module`` with its class replaced by an empty subclass named ``name``: what a user's
+    StdConv2d (a Conv2d subclass computing something else) looks like to from_module."""
+    module.__class__ = type(name, (type(module),), {})
+    return module
+
+
 def count_calls(module, cls):
     """{name: number of forward calls}, kept up to date, of every ``cls`` module inside ``module``."""
     calls = {}

@@ -18,7 +18,7 @@ from splat.modules.res2net import FusedBottle2neck
 from splat.ops.res2net_chain import res2net_chain
 from tests.helpers import (
     BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules,
-    compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
+    as_subclass, compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
 from tests.reference.norms import freeze
 from tests.reference.res2net import Bottle2neck, TimmBottle2neck
@@ -312,6 +312,10 @@ def test_from_module_rejects_unsupported():
         FusedBottle2neck.from_module(TimmBottle2neck(8, 4, act_layer=lambda inplace: nn.GELU()))
     with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
         FusedBottle2neck.from_module(TimmBottle2neck(8, 4, norm_layer=lambda c: nn.GroupNorm(1, c)))
+    m = Bottle2neck(16, 4, scale=3)
+    as_subclass(m.convs[1], "StdConv2d")
+    with pytest.raises(ValueError, match="convs.1 is StdConv2d; only torch.nn.Conv2d is fused"):
+        FusedBottle2neck.from_module(m)
     with pytest.raises(TypeError, match="neither"):
         FusedBottle2neck.from_module(nn.Conv2d(4, 4, 1))
 

@@ -15,7 +15,7 @@ from splat.modules.sk_conv import FusedSelectiveKernel, FusedSKConv
 from splat.ops import attention_sum, radix_pool
 from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, check_rejects_bad_input, compare_modules,
-    compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
+    as_subclass, compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
 from tests.reference.norms import BatchNormAct2d, SyncBatchNormAct, freeze
 from tests.reference.sk import SelectiveKernel, SKConv
@@ -217,6 +217,18 @@ def test_from_module_rejects_unsupported():
         FusedSKConv.from_module(m)
     with pytest.raises(TypeError, match="neither an SKConv"):
         FusedSKConv.from_module(nn.Conv2d(2, 2, 1))
+    m = SKConv(**SK_CONFIGS["m2g2"])
+    as_subclass(m.convs[1][0], "StdConv2d")
+    with pytest.raises(ValueError, match="branch 1 is StdConv2d; only torch.nn.Conv2d is fused"):
+        FusedSKConv.from_module(m)
+    m = SKConv(**SK_CONFIGS["m2g2"])
+    as_subclass(m.fcs[1], "LoRALinear")
+    with pytest.raises(ValueError, match=r"fcs.1 is LoRALinear; only torch.nn.Linear is fused"):
+        FusedSKConv.from_module(m)
+    m = SelectiveKernel(**TIMM_CONFIGS["split"])
+    as_subclass(m.attn.fc_select, "StdConv2d")
+    with pytest.raises(ValueError, match=r"attn.fc_select is StdConv2d; only torch.nn.Conv2d is fused"):
+        FusedSelectiveKernel.from_module(m)
     m = SelectiveKernel(**TIMM_CONFIGS["split"])
     m.paths[1].aa = nn.AvgPool2d(2)  # what timm builds for aa_layer at stride 2
     with pytest.raises(ValueError, match=r"paths.1.aa is AvgPool2d; not supported"):

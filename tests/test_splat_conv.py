@@ -13,7 +13,7 @@ from torch import nn
 import splat
 from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules, rand,
-    count_calls, pretend_synchronising, randomize_bn, run_module,
+    as_subclass, count_calls, pretend_synchronising, randomize_bn, run_module,
 )
 from tests.reference import SplAtConv2d, SplitAttn
 from tests.reference.norms import FrozenBatchNorm2d, freeze
@@ -142,6 +142,15 @@ def test_from_module_rejects_unsupported():
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, drop_layer=lambda: nn.Dropout()))
     with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
         splat.FusedSplAtConv2d.from_module(SplitAttn(16, 8, norm_layer=lambda c: nn.GroupNorm(2, c)))
+    for attr in ("conv", "fc1", "fc2"):
+        m = SplitAttn(16, 8)
+        as_subclass(getattr(m, attr), "StdConv2d")
+        with pytest.raises(ValueError, match=f"SplitAttn.{attr} is StdConv2d; only torch.nn.Conv2d is fused"):
+            splat.FusedSplAtConv2d.from_module(m)
+    m = SplAtConv2d(**CONFIGS["resnest"])
+    m.conv.padding_mode = "reflect"
+    with pytest.raises(ValueError, match="conv: padding must be explicit zeros"):
+        splat.FusedSplAtConv2d.from_module(m)
 
 
 def test_bn0_swapped_after_construction_is_refused():

@@ -16,7 +16,7 @@ from splat.modules.batchnorm import (
     update_running_stats,
     uses_batch_stats,
 )
-from splat.modules.splat_conv import check_input
+from splat.modules.splat_conv import check_conv, check_input
 from splat.ops.res2net_chain import output_size, res2net_chain
 
 STYPES = ("normal", "stage")
@@ -164,7 +164,8 @@ class FusedBottle2neck(nn.Module):
         relu = getattr(m, "relu", nn.ReLU())
         if type(relu) is not nn.ReLU:
             raise ValueError(f"{name}.relu is {type(relu).__name__}; only ReLU is fused")
-        for i, bn in enumerate(m.bns):
+        for i, (conv, bn) in enumerate(zip(m.convs, m.bns)):
+            check_conv(conv, f"{name}.convs.{i}")
             check_batchnorm(bn, f"{name}.bns.{i}")
         conv = m.convs[0]
         weight = m.conv1.weight

@@ -60,7 +60,7 @@ from splat.modules.batchnorm import (
     split_attention_bn,
     synchronises,
 )
-from splat.modules.splat_conv import check_input, fused_tail, split_attention_ops
+from splat.modules.splat_conv import check_conv, check_input, fused_tail, split_attention_ops
 from splat.ops import radix_softmax
 
 
@@ -94,10 +94,7 @@ def _geometry(convs, in_channels: int, split_input: bool, owner: str) -> _Geomet
     taps, extent = [], [1, 1]
     for i, conv in enumerate(convs):
         name = f"{owner} branch {i}"
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"{name}: expected an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{name}: padding must be explicit zeros, got {conv.padding!r}/{conv.padding_mode!r}")
+        check_conv(conv, name)
         for attr in ("out_channels", "groups", "stride", "in_channels"):
             if getattr(conv, attr) != getattr(first, attr):
                 raise ValueError(f"{name}: {attr}={getattr(conv, attr)} differs from branch 0's {getattr(first, attr)}")
@@ -332,8 +329,8 @@ class FusedSKConv(_SelectiveKernelBase):
                 raise ValueError(f"{name}.convs.{i} must be Sequential(Conv2d, BatchNorm2d, ReLU)")
             check_batchnorm(parts[1], f"{name}.convs.{i}.1")
             _checked_relu(parts[2], f"{name}.convs.{i}.2")
-        if not isinstance(m.fc, nn.Linear) or not all(isinstance(fc, nn.Linear) for fc in m.fcs):
-            raise ValueError(f"{name}: fc and fcs must be nn.Linear")
+        for i, fc in enumerate([m.fc, *m.fcs]):
+            check_conv(fc, f"{name}.fc" if i == 0 else f"{name}.fcs.{i - 1}", nn.Linear)
         if len(m.fcs) != len(branches):
             raise ValueError(f"{name}: {len(m.fcs)} fcs for {len(branches)} branches")
         conv = branches[0][0]
@@ -458,6 +455,8 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
         for attr in ("fc_reduce", "bn", "act", "fc_select"):
             if not hasattr(attn, attr):
                 raise ValueError(f"{name}.attn has no {attr}")
+        for attr in ("fc_reduce", "fc_select"):
+            check_conv(getattr(attn, attr), f"{name}.attn.{attr}")
         paths = []
         for i, path in enumerate(m.paths):
             if not isinstance(getattr(path, "conv", None), nn.Conv2d) or not hasattr(path, "bn"):

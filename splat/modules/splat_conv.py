@@ -84,6 +84,16 @@ def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
         raise TypeError(f"input dtype {x.dtype} does not match the module's parameter dtype {weight.dtype}")
 
 
+def check_conv(conv: nn.Module, name: str, cls: type = nn.Conv2d, subclass: bool = False) -> None:
+    """ValueError unless ``conv`` is a ``cls`` (exactly, unless ``subclass``) with explicit zero
+    padding: the kernels and the fused modules read its weight, and a subclass may compute
+    something else with it (weight standardisation, dynamic 'same' padding)."""
+    if not isinstance(conv, cls) or (type(conv) is not cls and not subclass):
+        raise ValueError(f"{name} is {type(conv).__name__}; only torch.nn.{cls.__name__} is fused")
+    if cls is nn.Conv2d and (conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+        raise ValueError(f"{name}: padding must be explicit zeros, got {conv.padding!r}/{conv.padding_mode!r}")
+
+
 class FusedSplAtConv2d(nn.Module):
     """Drop-in ``SplAtConv2d`` (same arguments, defaults and state_dict keys) with fused kernels.
 
@@ -181,6 +191,11 @@ class FusedSplAtConv2d(nn.Module):
         """A FusedSplAtConv2d computing what ``m`` computes: the original ``SplAtConv2d`` or timm's
         ``SplitAttn``. Weights and buffers are copied; device, dtypes and train/eval mode are kept."""
         conv, radix = m.conv, m.radix
+        name = type(m).__name__
+        # A rectified conv (the original's RFConv2d) is a Conv2d subclass: its rectification is fused.
+        check_conv(conv, f"{name}.conv", subclass=getattr(m, "rectify", False))
+        check_conv(m.fc1, f"{name}.fc1")
+        check_conv(m.fc2, f"{name}.fc2")
         bn0 = getattr(m, "bn0", None)
         use_bn = bn0 is not None and not isinstance(bn0, nn.Identity)
         if getattr(m, "dropblock_prob", 0.0) > 0.0 or not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
