@@ -4,15 +4,16 @@ their fused equivalents, in place.
 Modules are recognised by class name *and* attributes, wherever the class was defined (users
 keep their own copies of these files):
 
-=================  =====================================  ==========================
-class name         attributes                             replaced by
-=================  =====================================  ==========================
-``SplAtConv2d``    conv, fc1, fc2, radix                  ``FusedSplAtConv2d``
-``SplitAttn``      conv, fc1, fc2, radix (timm)           ``FusedSplAtConv2d``
-``SKConv``         convs, fc, fcs                         ``FusedSKConv``
-``SelectiveKernel`` paths, attn (timm)                    ``FusedSelectiveKernel``
-``Bottle2neck``    conv1, conv3, convs, bns               ``FusedBottle2neck``
-=================  =====================================  ==========================
+========================  =================================  ========================
+class name                attributes                         replaced by
+========================  =================================  ========================
+``SplAtConv2d``           conv, fc1, fc2, radix              ``FusedSplAtConv2d``
+``SplitAttn``             conv, fc1, fc2, radix (timm)       ``FusedSplAtConv2d``
+``SplitAttentionConv2d``  conv, fc1, fc2, radix (OpenMMLab)  ``FusedSplAtConv2d``
+``SKConv``                convs, fc, fcs                     ``FusedSKConv``
+``SelectiveKernel``       paths, attn (timm)                 ``FusedSelectiveKernel``
+``Bottle2neck``           conv1, conv3, convs, bns           ``FusedBottle2neck``
+========================  =================================  ========================
 
 Anything else is left alone, and so is a recognised module whose configuration the fused
 kernels do not cover (DropBlock, a non-ReLU activation, a GroupNorm, ...; its ``from_module``
@@ -84,6 +85,7 @@ def _fused_res2net():
 _RULES = {
     "SplAtConv2d": (("conv", "fc1", "fc2", "radix"), _fused_splat),
     "SplitAttn": (("conv", "fc1", "fc2", "radix"), _fused_splat),
+    "SplitAttentionConv2d": (("conv", "fc1", "fc2", "radix"), _fused_splat),
     "SKConv": (("convs", "fc", "fcs"), _fused_sk),
     "SelectiveKernel": (("paths", "attn"), _fused_sk),
     "Bottle2neck": (("conv1", "conv3", "convs", "bns"), _fused_res2net),

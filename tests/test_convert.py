@@ -13,7 +13,7 @@ from tests.helpers import CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, backend_params, cu
 from tests.reference import res2net as ref_res2net
 from tests.reference.norms import freeze
 from tests.reference.sk import SelectiveKernel, SKConv
-from tests.reference.splat import SplAtConv2d, SplitAttn
+from tests.reference.splat import SplAtConv2d, SplitAttentionConv2d, SplitAttn
 
 
 class Bottle2neck(ref_res2net.TimmBottle2neck):
@@ -42,13 +42,15 @@ def small_net():
         SelectiveKernel(16, 16, groups=2, attn_channels=8, split_input=False),
         ref_res2net.Bottle2neck(16, 4, baseWidth=32, scale=4, stype="normal"),
         Bottle2neck(16, 4, base_width=32, scale=2),
+        SplitAttentionConv2d(16, 16, 3, padding=1, groups=2, radix=2),
         SplitAttnLike(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
     ]
     return randomize_bn(nn.Sequential(*blocks))
 
 
-EXPECTED = {"SplAtConv2d": 1, "SplitAttn": 1, "SKConv": 1, "SelectiveKernel": 2, "Bottle2neck": 2}
+EXPECTED = {"SplAtConv2d": 1, "SplitAttn": 1, "SplitAttentionConv2d": 1, "SKConv": 1, "SelectiveKernel": 2,
+            "Bottle2neck": 2}
 
 
 def run(model, x, grad=None):
@@ -144,7 +146,7 @@ def test_blocks_with_hooks_or_parametrizations_are_skipped():
     original = copy.deepcopy(model)
     convert(model)
     report = model.splat_conversion
-    assert dict(report.converted) == {"SplitAttn": 1, "SelectiveKernel": 2}
+    assert dict(report.converted) == {"SplitAttn": 1, "SplitAttentionConv2d": 1, "SelectiveKernel": 2}
     reasons = {name: why for name, _, why in report.skipped}
     assert reasons.keys() == {"3", "5", "8", "9"}
     assert "SplAtConv2d.fc2 has forward or backward hooks" in reasons["3"]

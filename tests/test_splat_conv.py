@@ -15,7 +15,7 @@ from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, backend_params, check_rejects_bad_input, compare_modules, rand,
     as_subclass, count_calls, pretend_synchronising, randomize_bn, run_module,
 )
-from tests.reference import SplAtConv2d, SplitAttn
+from tests.reference import SplAtConv2d, SplitAttentionConv2d, SplitAttn
 from tests.reference.norms import FrozenBatchNorm2d, freeze
 
 BN = nn.BatchNorm2d
@@ -105,6 +105,18 @@ def test_from_module(backend):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("backend", backend_params())
+def test_from_openmmlab(backend, train):
+    """OpenMMLab's SplitAttentionConv2d (mmdet, mmseg, mmpretrain ResNeSt): same keys, same numbers."""
+    for config in (dict(radix=2), dict(groups=2, radix=4, stride=2, padding=2, dilation=2), dict(groups=4, radix=1)):
+        ref = randomize_bn(SplitAttentionConv2d(16, 8, 3, **{"padding": 1, **config}))
+        ref = ref.to(DEVICE, torch.float64).train(train)
+        fused = splat.FusedSplAtConv2d.from_module(ref, backend=backend)
+        assert fused.state_dict().keys() == ref.state_dict().keys()
+        compare_modules(ref, fused, rand(2, 16, 6, 5), torch.float64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_attention_mlp_on_separate_ops(backend, train):
     """A bn1 that splat::split_attention does not take (here GroupNorm) runs the tail on the separate ops."""
     ref = randomize_bn(SplitAttn(16, 8, radix=2, norm_layer=BN))
@@ -147,6 +159,16 @@ def test_from_module_rejects_unsupported():
         as_subclass(getattr(m, attr), "StdConv2d")
         with pytest.raises(ValueError, match=f"SplitAttn.{attr} is StdConv2d; only torch.nn.Conv2d is fused"):
             splat.FusedSplAtConv2d.from_module(m)
+    with pytest.raises(ValueError, match="SplitAttentionConv2d.gn0: only torch.nn.BatchNorm2d"):
+        splat.FusedSplAtConv2d.from_module(
+            SplitAttentionConv2d(16, 8, 3, norm_layer=lambda c: nn.GroupNorm(2, c), norm_prefix="gn")
+        )
+    with pytest.raises(ValueError, match="SplitAttentionConv2d.norm0: the norm must be named bn0"):
+        splat.FusedSplAtConv2d.from_module(SplitAttentionConv2d(16, 8, 3, norm_prefix="norm"))
+    with pytest.raises(ValueError, match="SplitAttentionConv2d.relu is SiLU; only ReLU is fused"):
+        m = SplitAttentionConv2d(16, 8, 3)
+        m.relu = nn.SiLU()
+        splat.FusedSplAtConv2d.from_module(m)
     m = SplAtConv2d(**CONFIGS["resnest"])
     m.conv.padding_mode = "reflect"
     with pytest.raises(ValueError, match="conv: padding must be explicit zeros"):

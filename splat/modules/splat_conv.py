@@ -188,10 +188,17 @@ class FusedSplAtConv2d(nn.Module):
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedSplAtConv2d":
-        """A FusedSplAtConv2d computing what ``m`` computes: the original ``SplAtConv2d`` or timm's
-        ``SplitAttn``. Weights and buffers are copied; device, dtypes and train/eval mode are kept."""
+        """A FusedSplAtConv2d computing what ``m`` computes: the original ``SplAtConv2d``, timm's
+        ``SplitAttn`` or OpenMMLab's ``SplitAttentionConv2d`` (mmdet, mmseg, mmpretrain). Weights
+        and buffers are copied; device, dtypes and train/eval mode are kept."""
         conv, radix = m.conv, m.radix
         name = type(m).__name__
+        for i in (0, 1):
+            # OpenMMLab names its norms after their type (bn0, gn0, ...): only bn<i> keeps the keys.
+            attr = getattr(m, f"norm{i}_name", f"bn{i}")
+            if attr != f"bn{i}":
+                check_batchnorm(getattr(m, attr), f"{name}.{attr}")
+                raise ValueError(f"{name}.{attr}: the norm must be named bn{i}")
         # A rectified conv (the original's RFConv2d) is a Conv2d subclass: its rectification is fused.
         check_conv(conv, f"{name}.conv", subclass=getattr(m, "rectify", False))
         check_conv(m.fc1, f"{name}.fc1")
@@ -200,7 +207,7 @@ class FusedSplAtConv2d(nn.Module):
         use_bn = bn0 is not None and not isinstance(bn0, nn.Identity)
         if getattr(m, "dropblock_prob", 0.0) > 0.0 or not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
             raise ValueError(f"{type(m).__name__} uses DropBlock, which FusedSplAtConv2d does not support")
-        for act in ("act0", "act1"):
+        for act in ("act0", "act1", "relu"):
             if hasattr(m, act) and type(getattr(m, act)) is not nn.ReLU:
                 raise ValueError(f"{type(m).__name__}.{act} is {type(getattr(m, act)).__name__}; only ReLU is fused")
         fused = cls(

@@ -1,4 +1,5 @@
-"""Reference split-attention modules: the original ResNeSt SplAtConv2d and timm's SplitAttn."""
+"""Reference split-attention modules: the original ResNeSt SplAtConv2d, timm's SplitAttn and
+OpenMMLab's SplitAttentionConv2d."""
 
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,28 @@ class SplitAttn(nn.Module):
         if self.radix > 1:
             return (y5 * attn.reshape(B, self.radix, RC // self.radix, 1, 1)).sum(1).contiguous()
         return (y * attn).contiguous()
+
+
+class SplitAttentionConv2d(nn.Module):
+    """OpenMMLab's layout (mmdet, mmseg, mmpretrain): the norms are added under ``norm0_name`` and
+    ``norm1_name`` (bn0/bn1 for BatchNorms, gn0/gn1 for GroupNorms, ...), one ``relu`` module,
+    ``groups`` is the cardinality, the conv has no bias."""
+
+    def __init__(self, in_channels, channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, radix=2,
+                 reduction_factor=4, norm_layer=nn.BatchNorm2d, norm_prefix="bn"):
+        super().__init__()
+        inter = max(in_channels * radix // reduction_factor, 32)
+        self.radix, self.groups, self.channels = radix, groups, channels
+        self.conv = nn.Conv2d(in_channels, channels * radix, kernel_size, stride, padding, dilation,
+                              groups=groups * radix, bias=False)
+        self.norm0_name, self.norm1_name = f"{norm_prefix}0", f"{norm_prefix}1"
+        self.add_module(self.norm0_name, norm_layer(channels * radix))
+        self.relu = nn.ReLU(inplace=True)
+        self.fc1 = nn.Conv2d(channels, inter, 1, groups=groups)
+        self.add_module(self.norm1_name, norm_layer(inter))
+        self.fc2 = nn.Conv2d(inter, channels * radix, 1, groups=groups)
+        self.rsoftmax = RadixSoftmax(radix, groups)
+
+    def forward(self, x):
+        y = self.relu(getattr(self, self.norm0_name)(self.conv(x)))
+        return split_attention_tail(y, self.fc1, getattr(self, self.norm1_name), self.fc2, self.radix, self.groups)
