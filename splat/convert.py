@@ -15,11 +15,14 @@ class name                attributes                         replaced by
 ``Bottle2neck``           conv1, conv3, convs, bns           ``FusedBottle2neck``
 ========================  =================================  ========================
 
+(``Bottle2neck``: the original Res2Net's, timm's and OpenMMLab's.)
+
 Anything else is left alone, and so is a recognised module whose configuration the fused
-kernels do not cover (DropBlock, a non-ReLU activation, a GroupNorm, ...; its ``from_module``
-raises ValueError) or that has, on itself or inside, forward or backward hooks (the fused module
-would silently not run them) or parametrized tensors (not carried over). Such a module is
-reported as skipped, with the reason.
+kernels do not cover (DropBlock, a non-ReLU activation, a GroupNorm, ...: its ``from_module``
+raises ValueError; TypeError for another kind of module with the same name and attributes) or
+that has, on itself or inside, forward or backward hooks (the fused module would silently not
+run them) or parametrized tensors (not carried over). Such a module is reported as skipped,
+with the reason.
 
 What was done is returned in ``model.splat_conversion`` (a :class:`ConversionReport`) and logged
 at INFO level on the ``"splat"`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
@@ -131,7 +134,7 @@ def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionR
     try:
         _check_no_hooks(module)
         fused = get_fused().from_module(module, backend=backend)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: the name and attributes match, the module does not
         report.skipped.append((qualname, cls_name, str(err)))
         return None
     if _is_channels_last(module):

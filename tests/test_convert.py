@@ -20,6 +20,13 @@ class Bottle2neck(ref_res2net.TimmBottle2neck):
     """A user's own copy of timm's Bottle2neck: same class name, defined here."""
 
 
+class OpenMMLabBottle2neck(ref_res2net.MMBottle2neck):
+    """mmdet's Bottle2neck, by name."""
+
+
+OpenMMLabBottle2neck.__name__ = "Bottle2neck"
+
+
 class SplitAttnLike(nn.Module):
     """Same attributes as SplitAttn, another name: must be left alone."""
 
@@ -42,6 +49,7 @@ def small_net():
         SelectiveKernel(16, 16, groups=2, attn_channels=8, split_input=False),
         ref_res2net.Bottle2neck(16, 4, baseWidth=32, scale=4, stype="normal"),
         Bottle2neck(16, 4, base_width=32, scale=2),
+        OpenMMLabBottle2neck(16, 4, dilation=2, scales=3, base_width=32),
         SplitAttentionConv2d(16, 16, 3, padding=1, groups=2, radix=2),
         SplitAttnLike(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
@@ -50,7 +58,7 @@ def small_net():
 
 
 EXPECTED = {"SplAtConv2d": 1, "SplitAttn": 1, "SplitAttentionConv2d": 1, "SKConv": 1, "SelectiveKernel": 2,
-            "Bottle2neck": 2}
+            "Bottle2neck": 3}
 
 
 def run(model, x, grad=None):
@@ -116,11 +124,27 @@ def test_trains_like_the_original():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9, msg=name)
 
 
+class Bottle2neckLike(nn.Module):
+    """A Bottle2neck by name and attributes that is none of the three kinds: must be left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv3 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
+
+    def forward(self, x):
+        return self.conv3(self.conv1(x))
+
+
+Bottle2neckLike.__name__ = "Bottle2neck"
+
+
 def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
     model = nn.Sequential(
         SplitAttn(16, 16, act_layer=nn.SiLU),
         SplitAttn(16, 16, norm_layer=nn.BatchNorm2d),
         SplAtConv2d(16, 16, 3, padding=1, norm_layer=nn.BatchNorm2d),
+        Bottle2neckLike(),
     )
     model[2].bn0 = nn.GroupNorm(4, 32)
     with caplog.at_level(logging.INFO, logger="splat"):
@@ -128,10 +152,12 @@ def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
     report = model.splat_conversion
     assert isinstance(report, ConversionReport)
     assert dict(report.converted) == {"SplitAttn": 1}
-    assert [(name, cls) for name, cls, _ in report.skipped] == [("0", "SplitAttn"), ("2", "SplAtConv2d")]
+    skipped = [(name, cls) for name, cls, _ in report.skipped]
+    assert skipped == [("0", "SplitAttn"), ("2", "SplAtConv2d"), ("3", "Bottle2neck")]
     assert "SiLU" in report.skipped[0][2] and "BatchNorm2d" in report.skipped[1][2]
+    assert "not a Res2Net Bottle2neck" in report.skipped[2][2]
     assert type(model[0]).__name__ == "SplitAttn" and type(model[2]).__name__ == "SplAtConv2d"
-    assert "replaced SplitAttn x1" in caplog.text and "left 2 unchanged" in caplog.text
+    assert "replaced SplitAttn x1" in caplog.text and "left 3 unchanged" in caplog.text
 
 
 def test_blocks_with_hooks_or_parametrizations_are_skipped():
@@ -146,7 +172,7 @@ def test_blocks_with_hooks_or_parametrizations_are_skipped():
     original = copy.deepcopy(model)
     convert(model)
     report = model.splat_conversion
-    assert dict(report.converted) == {"SplitAttn": 1, "SplitAttentionConv2d": 1, "SelectiveKernel": 2}
+    assert dict(report.converted) == {"SplitAttn": 1, "SplitAttentionConv2d": 1, "SelectiveKernel": 2, "Bottle2neck": 1}
     reasons = {name: why for name, _, why in report.skipped}
     assert reasons.keys() == {"3", "5", "8", "9"}
     assert "SplAtConv2d.fc2 has forward or backward hooks" in reasons["3"]

@@ -21,7 +21,7 @@ from tests.helpers import (
     as_subclass, compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
 from tests.reference.norms import freeze
-from tests.reference.res2net import Bottle2neck, TimmBottle2neck
+from tests.reference.res2net import Bottle2neck, MMBottle2neck, TimmBottle2neck
 
 NHWC = torch.channels_last
 
@@ -43,6 +43,11 @@ CONFIGS = {
     "timm-stage-card": (
         lambda: TimmBottle2neck(8, 4, stride=2, downsample=downsample(8, 4, 2), cardinality=3, base_width=16,
                                 scale=4, dilation=2), 8,
+    ),
+    "mm-normal-dil": (lambda: MMBottle2neck(16, 4, dilation=2, scales=4, base_width=26), 16),
+    "mm-stage-s2": (
+        lambda: MMBottle2neck(8, 4, stride=2, downsample=downsample(8, 4, 2), scales=3, base_width=32,
+                              stage_type="stage"), 8,
     ),
 }
 
@@ -312,11 +317,29 @@ def test_from_module_rejects_unsupported():
         FusedBottle2neck.from_module(TimmBottle2neck(8, 4, act_layer=lambda inplace: nn.GELU()))
     with pytest.raises(ValueError, match="only torch.nn.BatchNorm2d"):
         FusedBottle2neck.from_module(TimmBottle2neck(8, 4, norm_layer=lambda c: nn.GroupNorm(1, c)))
+    with pytest.raises(ValueError, match="'stage' block that does not pool its last split"):
+        FusedBottle2neck.from_module(MMBottle2neck(8, 4, downsample=downsample(8, 4, 1), stage_type="stage"))
+    m = MMBottle2neck(16, 4)
+    m.with_plugins = True
+    with pytest.raises(ValueError, match="MMBottle2neck has plugins"):
+        FusedBottle2neck.from_module(m)
+    m = MMBottle2neck(16, 4)
+    m.norm3_name = "gn3"
+    with pytest.raises(ValueError, match="MMBottle2neck.gn3: the norm must be named bn3"):
+        FusedBottle2neck.from_module(m)
+    m = Bottle2neck(16, 4, scale=3)
+    m.conv1.stride = (2, 2)
+    with pytest.raises(ValueError, match=r"conv1 has stride \(2, 2\)"):
+        FusedBottle2neck.from_module(m)
+    m = Bottle2neck(16, 4, scale=3)
+    m.convs[0].padding = (2, 2)
+    with pytest.raises(ValueError, match=r"convs.0: only square-strided 3x3 convs padded by their dilation"):
+        FusedBottle2neck.from_module(m)
     m = Bottle2neck(16, 4, scale=3)
     as_subclass(m.convs[1], "StdConv2d")
     with pytest.raises(ValueError, match="convs.1 is StdConv2d; only torch.nn.Conv2d is fused"):
         FusedBottle2neck.from_module(m)
-    with pytest.raises(TypeError, match="neither"):
+    with pytest.raises(TypeError, match="Conv2d is not a Res2Net Bottle2neck"):
         FusedBottle2neck.from_module(nn.Conv2d(4, 4, 1))
 
 

@@ -148,16 +148,29 @@ class FusedBottle2neck(nn.Module):
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedBottle2neck":
         """A FusedBottle2neck computing what ``m`` computes: the original Res2Net ``Bottle2neck``
-        (``stype``) or timm's (``is_first``, cardinality, dilation). Weights, buffers, the
-        downsample module and timm's drop_block / drop_path are copied; device, dtype and
-        train/eval mode are kept."""
+        (``stype``), timm's (``is_first``, cardinality, dilation) or OpenMMLab's (``stage_type``,
+        ``scales``, dilation). Weights, buffers, the downsample module and timm's drop_block /
+        drop_path are copied; device, dtype and train/eval mode are kept."""
         name = type(m).__name__
         if hasattr(m, "stype"):
             stype = m.stype
         elif hasattr(m, "is_first"):
             stype = "stage" if m.is_first else "normal"
+        elif hasattr(m, "stage_type"):
+            stype = m.stage_type
+            if stype == "stage" and getattr(m, "pool", None) is None:
+                raise ValueError(f"{name}: a 'stage' block that does not pool its last split (OpenMMLab's at "
+                                 "stride 1) is not fused")
+            if getattr(m, "with_plugins", False):
+                raise ValueError(f"{name} has plugins, which FusedBottle2neck does not run")
         else:
-            raise TypeError(f"{name} is neither Res2Net's nor timm's Bottle2neck (no stype / is_first)")
+            raise TypeError(f"{name} is not a Res2Net Bottle2neck (no stype / is_first / stage_type)")
+        for i in (1, 3):
+            # OpenMMLab names its norms after their type (bn1, gn1, ...): only bn<i> keeps the keys.
+            if getattr(m, f"norm{i}_name", f"bn{i}") != f"bn{i}":
+                raise ValueError(f"{name}.{getattr(m, f'norm{i}_name')}: the norm must be named bn{i}")
+        if m.conv1.stride != (1, 1):
+            raise ValueError(f"{name}.conv1 has stride {m.conv1.stride}; the fused block strides in its 3x3 convs")
         for attr in ("se", "attn"):
             if getattr(m, attr, None) is not None and not isinstance(getattr(m, attr), nn.Identity):
                 raise ValueError(f"{name}.{attr} is set; FusedBottle2neck has no attention layer")
@@ -166,13 +179,16 @@ class FusedBottle2neck(nn.Module):
             raise ValueError(f"{name}.relu is {type(relu).__name__}; only ReLU is fused")
         for i, (conv, bn) in enumerate(zip(m.convs, m.bns)):
             check_conv(conv, f"{name}.convs.{i}")
+            if conv.kernel_size != (3, 3) or conv.padding != conv.dilation or len(set(conv.stride)) > 1:
+                raise ValueError(f"{name}.convs.{i}: only square-strided 3x3 convs padded by their dilation are "
+                                 f"fused, got kernel {conv.kernel_size}, padding {conv.padding}, stride {conv.stride}")
             check_batchnorm(bn, f"{name}.bns.{i}")
         conv = m.convs[0]
         weight = m.conv1.weight
         planes = m.conv3.out_channels // cls.expansion
         fused = cls(
             m.conv1.in_channels, planes, conv.stride[0], None, baseWidth=64.0 * (m.width // conv.groups) / planes,
-            scale=m.scale, stype=stype, cardinality=conv.groups, dilation=conv.dilation[0],
+            scale=m.scale if hasattr(m, "scale") else m.scales, stype=stype, cardinality=conv.groups, dilation=conv.dilation[0],
             backend=backend, device=weight.device, dtype=weight.dtype,
         )
         # floor(planes * baseWidth / 64) may round the reconstructed baseWidth down by one: m's width rules.

@@ -1,4 +1,5 @@
-"""Reference Res2Net bottlenecks: the original Bottle2neck and timm's (cardinality, dilation)."""
+"""Reference Res2Net bottlenecks: the original Bottle2neck, timm's (cardinality, dilation) and
+OpenMMLab's (mmdet, mmseg)."""
 
 import math
 
@@ -104,4 +105,47 @@ class TimmBottle2neck(nn.Module):
         if self.downsample is not None:
             shortcut = self.downsample(x)
         out += shortcut
+        return self.relu(out)
+
+
+class MMBottle2neck(nn.Module):
+    """OpenMMLab's Bottle2neck: ``scales``, ``stage_type``, norms added under ``norm1_name`` /
+    ``norm3_name``, the branch convs strided and dilated. A 'stage' block pools the last split only
+    when strided: at stride 1 it passes through as in a 'normal' block."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, scales=4, base_width=26,
+                 stage_type="normal"):
+        super().__init__()
+        width = int(math.floor(planes * (base_width / 64)))
+        self.scales, self.width, self.stage_type, self.conv2_stride = scales, width, stage_type, stride
+        self.with_plugins = False
+        self.norm1_name, self.norm3_name = "bn1", "bn3"
+        self.conv1 = nn.Conv2d(inplanes, width * scales, 1, bias=False)
+        self.add_module(self.norm1_name, nn.BatchNorm2d(width * scales))
+        if stage_type == "stage" and stride != 1:
+            self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, bias=False)
+            for _ in range(scales - 1)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scales - 1))
+        self.conv3 = nn.Conv2d(width * scales, planes * self.expansion, 1, bias=False)
+        self.add_module(self.norm3_name, nn.BatchNorm2d(planes * self.expansion))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(getattr(self, self.norm1_name)(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        pieces = []
+        for i in range(self.scales - 1):
+            sp = spx[i] if i == 0 or self.stage_type == "stage" else sp + spx[i]
+            sp = self.relu(self.bns[i](self.convs[i](sp)))
+            pieces.append(sp)
+        last = spx[self.scales - 1]
+        pieces.append(self.pool(last) if self.stage_type == "stage" and self.conv2_stride != 1 else last)
+        out = getattr(self, self.norm3_name)(self.conv3(torch.cat(pieces, 1)))
+        out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
