@@ -16,6 +16,7 @@ from tests.helpers import (
     as_subclass, count_calls, pretend_synchronising, randomize_bn, run_module,
 )
 from tests.reference import SplAtConv2d, SplitAttentionConv2d, SplitAttn
+from tests.reference import splat as reference_splat
 from tests.reference.norms import FrozenBatchNorm2d, freeze
 
 BN = nn.BatchNorm2d
@@ -103,6 +104,27 @@ def test_from_module(backend):
         assert fused.conv.weight.data_ptr() != m.conv.weight.data_ptr(), "weights are copied, not shared"
 
 
+def with_detectron2_convs(m, activation=None):
+    """``m`` with conv, fc1 and fc2 as detectron2's Conv2d (as in detectron2-ResNeSt's SplAtConv2d)."""
+    for attr in ("conv", "fc1", "fc2"):
+        conv = getattr(m, attr)
+        d2 = reference_splat.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                    conv.dilation, conv.groups, conv.bias is not None, activation=activation)
+        d2.load_state_dict(conv.state_dict())
+        setattr(m, attr, d2)
+    return m
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_from_detectron2(backend):
+    """detectron2-ResNeSt's SplAtConv2d: the original with detectron2's Conv2d subclass, whose norm
+    and activation are unset; one with an activation computes something else and is refused."""
+    ref = with_detectron2_convs(randomize_bn(SplAtConv2d(**CONFIGS["4s2x"]))).to(DEVICE, torch.float64)
+    compare_modules(ref, splat.FusedSplAtConv2d.from_module(ref, backend=backend), rand(2, 16, 6, 5), torch.float64)
+    with pytest.raises(ValueError, match=r"SplAtConv2d.conv is .*\.Conv2d, which may compute"):
+        splat.FusedSplAtConv2d.from_module(with_detectron2_convs(SplAtConv2d(**CONFIGS["4s2x"]), nn.ReLU()))
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("backend", backend_params())
 def test_from_openmmlab(backend, train):
@@ -157,7 +179,7 @@ def test_from_module_rejects_unsupported():
     for attr in ("conv", "fc1", "fc2"):
         m = SplitAttn(16, 8)
         as_subclass(getattr(m, attr), "StdConv2d")
-        with pytest.raises(ValueError, match=f"SplitAttn.{attr} is StdConv2d; only torch.nn.Conv2d is fused"):
+        with pytest.raises(ValueError, match=rf"SplitAttn.{attr} is .*\.StdConv2d, which may compute"):
             splat.FusedSplAtConv2d.from_module(m)
     with pytest.raises(ValueError, match="SplitAttentionConv2d.gn0: only torch.nn.BatchNorm2d"):
         splat.FusedSplAtConv2d.from_module(

@@ -84,12 +84,24 @@ def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
         raise TypeError(f"input dtype {x.dtype} does not match the module's parameter dtype {weight.dtype}")
 
 
+def _plain(layer: nn.Module, cls: type) -> bool:
+    """Whether ``layer`` computes what ``cls`` computes with its weights: a ``cls``, or detectron2's
+    Conv2d (a subclass of the same name) with its optional norm and activation unset."""
+    if type(layer) is cls:
+        return True
+    return (
+        isinstance(layer, cls) and type(layer).__name__ == cls.__name__
+        and all(hasattr(layer, a) and getattr(layer, a) is None for a in ("norm", "activation"))
+    )
+
+
 def check_conv(conv: nn.Module, name: str, cls: type = nn.Conv2d, subclass: bool = False) -> None:
-    """ValueError unless ``conv`` is a ``cls`` (exactly, unless ``subclass``) with explicit zero
-    padding: the kernels and the fused modules read its weight, and a subclass may compute
-    something else with it (weight standardisation, dynamic 'same' padding)."""
-    if not isinstance(conv, cls) or (type(conv) is not cls and not subclass):
-        raise ValueError(f"{name} is {type(conv).__name__}; only torch.nn.{cls.__name__} is fused")
+    """ValueError unless ``conv`` computes a plain ``cls`` (any subclass with ``subclass``) with
+    explicit zero padding: the kernels and the fused modules read its weight, and a subclass may
+    compute something else with it (weight standardisation, dynamic 'same' padding)."""
+    if not isinstance(conv, cls) or not (subclass or _plain(conv, cls)):
+        kind = f"{type(conv).__module__}.{type(conv).__qualname__}"
+        raise ValueError(f"{name} is {kind}, which may compute something else than torch.nn.{cls.__name__}: not fused")
     if cls is nn.Conv2d and (conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
         raise ValueError(f"{name}: padding must be explicit zeros, got {conv.padding!r}/{conv.padding_mode!r}")
 

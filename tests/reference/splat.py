@@ -42,6 +42,19 @@ class RectifiedConv2d(nn.Conv2d):
         return out * ((1.0 if self.average_mode else kh * kw) / valid)
 
 
+class Conv2d(nn.Conv2d):
+    """detectron2's Conv2d: a Conv2d followed by its optional ``norm`` and ``activation``."""
+
+    def __init__(self, *args, norm=None, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm, self.activation = norm, activation
+
+    def forward(self, x):
+        x = super().forward(x)
+        x = x if self.norm is None else self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
 class SplAtConv2d(nn.Module):
     def __init__(self, in_channels, channels, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                  groups=1, bias=True, radix=2, reduction_factor=4, rectify=False, rectify_avg=False,
