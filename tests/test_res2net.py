@@ -324,8 +324,8 @@ def test_from_module_rejects_unsupported():
     with pytest.raises(ValueError, match="MMBottle2neck has plugins"):
         FusedBottle2neck.from_module(m)
     m = MMBottle2neck(16, 4)
-    m.norm3_name = "gn3"
-    with pytest.raises(ValueError, match="MMBottle2neck.gn3: the norm must be named bn3"):
+    m.norm3_name, m.norm3 = "norm3", m.bn3
+    with pytest.raises(ValueError, match="MMBottle2neck.norm3: the norm must be named bn3"):
         FusedBottle2neck.from_module(m)
     m = Bottle2neck(16, 4, scale=3)
     m.conv1.stride = (2, 2)

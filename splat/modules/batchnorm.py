@@ -39,6 +39,17 @@ def check_batchnorm(norm: nn.Module, name: str) -> nn.Module:
     return norm
 
 
+def check_norm_names(m: nn.Module, indices: tuple[int, ...], name: str) -> None:
+    """OpenMMLab adds a block's norm i under a name after its type (``norm<i>_name``: bn1, gn1, ...);
+    the fused blocks keep the state_dict keys bn<i>, so ValueError for a norm by any other name
+    (naming its type first, if the blocks do not take that)."""
+    for i in indices:
+        attr = getattr(m, f"norm{i}_name", f"bn{i}")
+        if attr != f"bn{i}":
+            check_batchnorm(getattr(m, attr), f"{name}.{attr}")
+            raise ValueError(f"{name}.{attr}: the norm must be named bn{i}")
+
+
 def synchronises(norm: nn.Module) -> bool:
     """Whether ``norm`` is a SyncBatchNorm that, called now, would reduce its batch statistics over
     a process group of more than one (training under torch.distributed). The blocks then run it as

@@ -12,6 +12,7 @@ from splat import backend as _backend
 from splat.modules.batchnorm import (
     batch_updates,
     check_batchnorm,
+    check_norm_names,
     synchronises,
     update_running_stats,
     uses_batch_stats,
@@ -165,10 +166,7 @@ class FusedBottle2neck(nn.Module):
                 raise ValueError(f"{name} has plugins, which FusedBottle2neck does not run")
         else:
             raise TypeError(f"{name} is not a Res2Net Bottle2neck (no stype / is_first / stage_type)")
-        for i in (1, 3):
-            # OpenMMLab names its norms after their type (bn1, gn1, ...): only bn<i> keeps the keys.
-            if getattr(m, f"norm{i}_name", f"bn{i}") != f"bn{i}":
-                raise ValueError(f"{name}.{getattr(m, f'norm{i}_name')}: the norm must be named bn{i}")
+        check_norm_names(m, (1, 3), name)
         if m.conv1.stride != (1, 1):
             raise ValueError(f"{name}.conv1 has stride {m.conv1.stride}; the fused block strides in its 3x3 convs")
         for attr in ("se", "attn"):
@@ -186,9 +184,10 @@ class FusedBottle2neck(nn.Module):
         conv = m.convs[0]
         weight = m.conv1.weight
         planes = m.conv3.out_channels // cls.expansion
+        scale = m.scale if hasattr(m, "scale") else m.scales  # OpenMMLab's: scales
         fused = cls(
             m.conv1.in_channels, planes, conv.stride[0], None, baseWidth=64.0 * (m.width // conv.groups) / planes,
-            scale=m.scale if hasattr(m, "scale") else m.scales, stype=stype, cardinality=conv.groups, dilation=conv.dilation[0],
+            scale=scale, stype=stype, cardinality=conv.groups, dilation=conv.dilation[0],
             backend=backend, device=weight.device, dtype=weight.dtype,
         )
         # floor(planes * baseWidth / 64) may round the reconstructed baseWidth down by one: m's width rules.

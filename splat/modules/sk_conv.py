@@ -189,7 +189,9 @@ class _SelectiveKernelBase(nn.Module):
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
         if any(synchronises(bn) for bn in bns):
             y, bns = _run_norms(y, bns, order), []
-        bn0 = (split_attention_bn(bns, y, order) if bns else identity_bn(y.shape[1], y)) if mlp is not None else None
+        bn0 = None
+        if mlp is not None:
+            bn0 = split_attention_bn(bns, y, order) if bns else identity_bn(y.shape[1], y)
         if bn0 is not None:
             fc1_weight, fc1_bias, bn1, relu, fc2_weight, fc2_bias = mlp
             return fused_tail(

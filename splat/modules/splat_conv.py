@@ -13,6 +13,7 @@ from splat.modules.batchnorm import (
     batch_norm_scale_shift,
     batch_updates,
     check_batchnorm,
+    check_norm_names,
     identity_bn,
     identity_scale_shift,
     is_fusable_batchnorm,
@@ -205,12 +206,7 @@ class FusedSplAtConv2d(nn.Module):
         and buffers are copied; device, dtypes and train/eval mode are kept."""
         conv, radix = m.conv, m.radix
         name = type(m).__name__
-        for i in (0, 1):
-            # OpenMMLab names its norms after their type (bn0, gn0, ...): only bn<i> keeps the keys.
-            attr = getattr(m, f"norm{i}_name", f"bn{i}")
-            if attr != f"bn{i}":
-                check_batchnorm(getattr(m, attr), f"{name}.{attr}")
-                raise ValueError(f"{name}.{attr}: the norm must be named bn{i}")
+        check_norm_names(m, (0, 1), name)
         # A rectified conv (the original's RFConv2d) is a Conv2d subclass: its rectification is fused.
         check_conv(conv, f"{name}.conv", subclass=getattr(m, "rectify", False))
         check_conv(m.fc1, f"{name}.fc1")
@@ -218,10 +214,10 @@ class FusedSplAtConv2d(nn.Module):
         bn0 = getattr(m, "bn0", None)
         use_bn = bn0 is not None and not isinstance(bn0, nn.Identity)
         if getattr(m, "dropblock_prob", 0.0) > 0.0 or not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
-            raise ValueError(f"{type(m).__name__} uses DropBlock, which FusedSplAtConv2d does not support")
+            raise ValueError(f"{name} uses DropBlock, which FusedSplAtConv2d does not support")
         for act in ("act0", "act1", "relu"):
             if hasattr(m, act) and type(getattr(m, act)) is not nn.ReLU:
-                raise ValueError(f"{type(m).__name__}.{act} is {type(getattr(m, act)).__name__}; only ReLU is fused")
+                raise ValueError(f"{name}.{act} is {type(getattr(m, act)).__name__}; only ReLU is fused")
         fused = cls(
             conv.in_channels, conv.out_channels // radix, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, groups=conv.groups // radix, bias=conv.bias is not None, radix=radix,
@@ -232,6 +228,6 @@ class FusedSplAtConv2d(nn.Module):
         fused.conv.load_state_dict(conv.state_dict())
         fused.fc1, fused.fc2 = copy.deepcopy(m.fc1), copy.deepcopy(m.fc2)
         if use_bn:
-            fused.bn0 = check_batchnorm(copy.deepcopy(bn0), f"{type(m).__name__}.bn0")
+            fused.bn0 = check_batchnorm(copy.deepcopy(bn0), f"{name}.bn0")
             fused.bn1 = copy.deepcopy(m.bn1)
         return fused.train(m.training)

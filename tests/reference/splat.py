@@ -161,4 +161,5 @@ class SplitAttentionConv2d(nn.Module):
 
     def forward(self, x):
         y = self.relu(getattr(self, self.norm0_name)(self.conv(x)))
-        return split_attention_tail(y, self.fc1, getattr(self, self.norm1_name), self.fc2, self.radix, self.groups)
+        bn1 = getattr(self, self.norm1_name)
+        return split_attention_tail(y, self.fc1, bn1, self.fc2, self.radix, self.groups)
