@@ -17,7 +17,7 @@ from tests.helpers import (
     DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, check_rejects_bad_input, compare_modules,
     as_subclass, compare_random_block, count_calls, pretend_synchronising, rand, randomize_bn, run_module,
 )
-from tests.reference.norms import BatchNormAct2d, SyncBatchNormAct, freeze
+from tests.reference.norms import BatchNormAct2d, FrozenBatchNorm2d, SyncBatchNormAct, freeze
 from tests.reference.sk import SelectiveKernel, SKConv
 
 # SKConv(features, WH, M, G, r, stride, L): branches reading the whole input, grouped (the buffer
@@ -259,6 +259,15 @@ def test_constructor_matches_timm_keys():
     fused = FusedSelectiveKernel(8, 8, groups=2, rd_channels=8)
     ref = SelectiveKernel(**TIMM_CONFIGS["split"])
     assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_constructor_takes_frozen_norm_layer():
+    """norm_layer=torchvision's FrozenBatchNorm2d, which takes no device or dtype: timm's keys and numbers."""
+    ref = freeze(randomize_bn(SelectiveKernel(**TIMM_CONFIGS["split"]))).double()
+    fused = FusedSelectiveKernel(8, 8, groups=2, rd_channels=8, norm_layer=FrozenBatchNorm2d, backend="torch").double()
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = rand(2, 8, 5, 5)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("make,name", [(make_sk, "m2g2"), (make_timm, "split")], ids=["skconv", "timm"])

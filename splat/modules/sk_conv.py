@@ -359,11 +359,11 @@ class _ConvBn(nn.Module):
 class _SelectiveKernelAttn(nn.Module):
     """timm's SelectiveKernelAttn keys: fc_reduce (1x1), bn, act, fc_select (1x1 to M*C)."""
 
-    def __init__(self, channels, num_paths, attn_channels, act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d, **factory):
+    def __init__(self, channels, num_paths, attn_channels, act_layer, norm_layer, factory, norm_factory):
         super().__init__()
         self.num_paths = num_paths
         self.fc_reduce = nn.Conv2d(channels, attn_channels, 1, bias=False, **factory)
-        self.bn = norm_layer(attn_channels, **factory)
+        self.bn = norm_layer(attn_channels, **norm_factory)
         self.act = act_layer()
         self.fc_select = nn.Conv2d(attn_channels, channels * num_paths, 1, bias=False, **factory)
 
@@ -398,6 +398,8 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
         if aa_layer is not None or drop_layer is not None:
             raise ValueError("aa_layer and drop_layer are not supported")
         factory = {"device": device, "dtype": dtype}
+        # Only when given: norm layers such as torchvision's FrozenBatchNorm2d take no device or dtype.
+        norm_factory = {k: v for k, v in factory.items() if v is not None}
         out_channels = out_channels or in_channels
         kernel_size = list(kernel_size or [3, 5])
         if keep_3x3:
@@ -417,12 +419,12 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
             _ConvBn(
                 nn.Conv2d(path_in, out_channels, k, stride, ((stride - 1) + d * (k - 1)) // 2, d, groups=groups,
                           bias=False, **factory),
-                check_batchnorm(norm_layer(out_channels, **factory), "norm_layer"),
+                check_batchnorm(norm_layer(out_channels, **norm_factory), "norm_layer"),
             )
             for k, d in zip(kernel_size, dilations)
         )
         attn_channels = rd_channels or _make_divisible(out_channels * rd_ratio, divisor=rd_divisor)
-        self.attn = _SelectiveKernelAttn(out_channels, M, attn_channels, act_layer, norm_layer, **factory)
+        self.attn = _SelectiveKernelAttn(out_channels, M, attn_channels, act_layer, norm_layer, factory, norm_factory)
         self._geometry()
 
     def extra_repr(self) -> str:
