@@ -17,7 +17,7 @@ from splat.modules.batchnorm import (
     update_running_stats,
     uses_batch_stats,
 )
-from splat.modules.splat_conv import check_conv, check_input
+from splat.modules.splat_conv import check_conv, check_input, has_layer
 from splat.ops.res2net_chain import output_size, res2net_chain
 
 STYPES = ("normal", "stage")
@@ -170,7 +170,7 @@ class FusedBottle2neck(nn.Module):
         if m.conv1.stride != (1, 1):
             raise ValueError(f"{name}.conv1 has stride {m.conv1.stride}; the fused block strides in its 3x3 convs")
         for attr in ("se", "attn"):
-            if getattr(m, attr, None) is not None and not isinstance(getattr(m, attr), nn.Identity):
+            if has_layer(m, attr):
                 raise ValueError(f"{name}.{attr} is set; FusedBottle2neck has no attention layer")
         relu = getattr(m, "relu", nn.ReLU())
         if type(relu) is not nn.ReLU:
@@ -197,7 +197,6 @@ class FusedBottle2neck(nn.Module):
         fused.conv3, fused.bn3 = copy.deepcopy(m.conv3), copy.deepcopy(m.bn3)
         fused.downsample = copy.deepcopy(m.downsample)
         for attr in ("drop_block", "drop_path"):
-            drop = getattr(m, attr, None)
-            if drop is not None and not isinstance(drop, nn.Identity):
-                setattr(fused, attr, copy.deepcopy(drop))
+            if has_layer(m, attr):
+                setattr(fused, attr, copy.deepcopy(getattr(m, attr)))
         return fused.train(m.training)

@@ -60,7 +60,7 @@ from splat.modules.batchnorm import (
     split_attention_bn,
     synchronises,
 )
-from splat.modules.splat_conv import check_conv, check_input, fused_tail, split_attention_ops
+from splat.modules.splat_conv import check_conv, check_input, fused_tail, has_layer, split_attention_ops
 from splat.ops import radix_softmax
 
 
@@ -236,7 +236,7 @@ def _plain_batchnorm(bn: nn.Module, name: str) -> nn.Module:
     if not hasattr(bn, "act") or not (frozen or isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))):
         check_batchnorm(bn, name)  # raises: no norm the blocks take
     _checked_relu(bn.act, f"{name}.act")
-    if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
+    if has_layer(bn, "drop"):
         raise ValueError(f"{name}.drop is {type(bn.drop).__name__}; only Identity is fused")
     w = bn.running_mean if bn.running_mean is not None else bn.weight
     factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
@@ -466,8 +466,7 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
             if not isinstance(getattr(path, "conv", None), nn.Conv2d) or not hasattr(path, "bn"):
                 raise ValueError(f"{name}.paths.{i} must have .conv (Conv2d) and .bn")
             for extra in ("aa", "drop"):
-                # timm's ConvNormAct keeps aa = None when anti-aliasing is off
-                if not isinstance(getattr(path, extra, None), (nn.Identity, type(None))):
+                if has_layer(path, extra):
                     kind = type(getattr(path, extra)).__name__
                     raise ValueError(f"{name}.paths.{i}.{extra} is {kind}; not supported")
             if hasattr(path, "act"):

@@ -85,6 +85,13 @@ def check_input(x: Tensor, weight: Tensor, in_channels: int) -> None:
         raise TypeError(f"input dtype {x.dtype} does not match the module's parameter dtype {weight.dtype}")
 
 
+def has_layer(m: nn.Module, attr: str) -> bool:
+    """Whether ``m`` has a layer ``attr`` that does something: not missing, None or nn.Identity
+    (timm keeps disabled layers as either)."""
+    layer = getattr(m, attr, None)
+    return layer is not None and not isinstance(layer, nn.Identity)
+
+
 def _plain(layer: nn.Module, cls: type) -> bool:
     """Whether ``layer`` computes what ``cls`` computes with its weights: a ``cls``, or detectron2's
     Conv2d (a subclass of the same name) with its optional norm and activation unset."""
@@ -212,8 +219,8 @@ class FusedSplAtConv2d(nn.Module):
         check_conv(m.fc1, f"{name}.fc1")
         check_conv(m.fc2, f"{name}.fc2")
         bn0 = getattr(m, "bn0", None)
-        use_bn = bn0 is not None and not isinstance(bn0, nn.Identity)
-        if getattr(m, "dropblock_prob", 0.0) > 0.0 or not isinstance(getattr(m, "drop", nn.Identity()), nn.Identity):
+        use_bn = has_layer(m, "bn0")
+        if getattr(m, "dropblock_prob", 0.0) > 0.0 or has_layer(m, "drop"):
             raise ValueError(f"{name} uses DropBlock, which FusedSplAtConv2d does not support")
         for act in ("act0", "act1", "relu"):
             if hasattr(m, act) and type(getattr(m, act)) is not nn.ReLU:
