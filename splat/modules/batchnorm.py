@@ -171,13 +171,15 @@ def batch_norm_scale_shift(
     """(scale, shift), each (C,) in y's accumulation dtype, with bn(y) == y * scale + shift.
 
     y (B, C, H, W); ``bns`` cover y's channels in order (one BN for a SplAtConv2d, one per
-    branch for SK). Batch statistics come from ``splat::channel_stats``, so gradients reach y
-    through them; running statistics are updated as nn.BatchNorm2d updates them.
+    branch for SK; none: no normalisation). Batch statistics come from ``splat::channel_stats``,
+    so gradients reach y through them; running statistics are updated as nn.BatchNorm2d updates them.
 
     ``order`` (optional, (C,) int64 on y's device): y's channel q holds channel ``order[q]`` of
     the concatenated BNs (one grouped conv that interleaves SK's branches); scale and shift are
     then returned in y's channel order.
     """
+    if not bns:
+        return _identity(y.shape[1], y)
     n = y.shape[0] * y.shape[2] * y.shape[3]
     batch_mean = batch_var = None
     if any(uses_batch_stats(bn) for bn in bns):
@@ -214,16 +216,13 @@ def _running_fold(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
     return _fold(bn, _layout.cast(bn.running_mean, acc), _layout.cast(bn.running_var, acc), like)
 
 
-def identity_scale_shift(y: Tensor) -> tuple[Tensor, Tensor]:
-    """The (scale, shift) of no normalisation: ones and zeros in y's accumulation dtype."""
-    return _identity(y.shape[1], y)
-
-
 def split_attention_bn(bns: list[nn.BatchNorm2d], like: Tensor, order: Tensor | None = None):
     """``bns`` as the (weight, bias, batch_stats, eps) argument of ``splat::split_attention``, vectors
     in the accumulation dtype of ``like`` and (with ``order``, see ``batch_norm_scale_shift``) in
     its channel order; None when one such tuple cannot express them (mixed modes or eps).
-    Eval-mode BNs are folded into the affine map."""
+    Eval-mode BNs are folded into the affine map; no BNs are no normalisation of like's channels."""
+    if not bns:
+        return identity_bn(like.shape[1], like)
     modes = {uses_batch_stats(bn) for bn in bns}
     if len(modes) != 1 or len({bn.eps for bn in bns}) != 1:
         return None

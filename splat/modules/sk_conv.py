@@ -54,7 +54,6 @@ from splat.modules.batchnorm import (
     batch_norm_scale_shift,
     check_batchnorm,
     identity_bn,
-    identity_scale_shift,
     is_fusable_batchnorm,
     num_channels,
     split_attention_bn,
@@ -189,9 +188,7 @@ class _SelectiveKernelBase(nn.Module):
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
         if any(synchronises(bn) for bn in bns):
             y, bns = _run_norms(y, bns, order), []
-        bn0 = None
-        if mlp is not None:
-            bn0 = split_attention_bn(bns, y, order) if bns else identity_bn(y.shape[1], y)
+        bn0 = split_attention_bn(bns, y, order) if mlp is not None else None
         if bn0 is not None:
             fc1_weight, fc1_bias, bn1, relu, fc2_weight, fc2_bias = mlp
             return fused_tail(
@@ -199,7 +196,7 @@ class _SelectiveKernelBase(nn.Module):
                 split_attention_bn([bn1], y) if bn1 is not None else identity_bn(fc1_weight.shape[0], y), bn1,
                 relu, fc2_weight, fc2_bias, M, 1, K, self.backend,
             )
-        scale, shift = batch_norm_scale_shift(y, bns, self.backend, order) if bns else identity_scale_shift(y)
+        scale, shift = batch_norm_scale_shift(y, bns, self.backend, order)
 
         def attention(gap: Tensor) -> Tensor:
             logits = self._logits(gap)

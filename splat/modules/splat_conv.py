@@ -15,7 +15,6 @@ from splat.modules.batchnorm import (
     check_batchnorm,
     check_norm_names,
     identity_bn,
-    identity_scale_shift,
     is_fusable_batchnorm,
     normalized_dtype,
     split_attention_bn,
@@ -194,12 +193,11 @@ class FusedSplAtConv2d(nn.Module):
         bn1 = getattr(self, "bn1", None)
         if bn1 is None or (is_fusable_batchnorm(bn1) and not synchronises(bn1)):
             return fused_tail(
-                y, split_attention_bn(bn0s, y) if bn0s else identity_bn(y.shape[1], y), bn0s, None,
-                self.fc1.weight.flatten(1), self.fc1.bias,
+                y, split_attention_bn(bn0s, y), bn0s, None, self.fc1.weight.flatten(1), self.fc1.bias,
                 split_attention_bn([bn1], y) if bn1 is not None else identity_bn(self.fc1.out_channels, y), bn1,
                 True, self.fc2.weight.flatten(1), self.fc2.bias, self.radix, self.cardinality, 1, self.backend,
             )
-        scale, shift = batch_norm_scale_shift(y, bn0s, self.backend) if bn0s else identity_scale_shift(y)
+        scale, shift = batch_norm_scale_shift(y, bn0s, self.backend)
 
         def attention(gap: Tensor) -> Tensor:
             return radix_softmax(self._mlp(gap), self.radix, self.cardinality, self.backend)
