@@ -116,7 +116,10 @@ def _geometry(convs, in_channels: int, split_input: bool, owner: str) -> _Geomet
 
 def _branch_order(M: int, C: int, groups: int, device) -> Tensor:
     """order[q] = branch-major channel (i*C + k*C/G + j) held by buffer channel q = (k, i, j)."""
-    return torch.arange(M * C, device=device).view(M, groups, C // groups).transpose(0, 1).reshape(-1)
+    return constant(
+        ("sk order", M, C, groups, device),
+        lambda: torch.arange(M * C, device=device).view(M, groups, C // groups).transpose(0, 1).reshape(-1),
+    )
 
 
 class _SelectiveKernelBase(nn.Module):
@@ -162,7 +165,9 @@ class _SelectiveKernelBase(nn.Module):
             K = g.y_groups
             weight = weight.reshape((M, K, C // K) + weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
             if bias is not None:
-                bias = bias.reshape(M, K, C // K).transpose(0, 1).reshape(-1)
+                # Gathered, not transposed like the weight: torch 2.11's inductor cannot lower a
+                # convolution whose bias is a view.
+                bias = bias[_branch_order(M, C, K, bias.device)]
         return weight, bias
 
     def _branch_conv(self, x: Tensor) -> tuple[Tensor, _Geometry]:
@@ -184,7 +189,7 @@ class _SelectiveKernelBase(nn.Module):
         M, K = g.branches, g.y_groups
         order = None
         if K > 1:
-            order = constant(("sk order", M, g.channels, K, y.device), lambda: _branch_order(M, g.channels, K, y.device))
+            order = _branch_order(M, g.channels, K, y.device)
         bns, mlp = self._bns(), self._mlp() if M > 1 else None
         if any(synchronises(bn) for bn in bns):
             y, bns = _run_norms(y, bns, order), []
