@@ -93,7 +93,15 @@ else
     ARCH=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS, timeout ${T}s"
+    # torch takes CUDA_HOME to be nvcc's grandparent folder; where nvcc is a wrapper script (as
+    # /usr/local/bin/nvcc on this workplace's machines) that folder has no libcudart and the link
+    # fails, so ask nvcc for its toolkit's root. Exported: the tests' JIT builds need it too.
+    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+        echo >"$SCRATCH/empty.cu"
+        TOP=$(nvcc --dryrun -c "$SCRATCH/empty.cu" -o "$SCRATCH/empty.o" 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+        [ -n "$TOP" ] && [ -d "$TOP" ] && export CUDA_HOME=$(realpath "$TOP")
+    fi
+    log "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS, timeout ${T}s"
     if ((T < 10)); then
         BUILD="no time"
     elif timeout -k 10 "$T" python3 setup.py build_ext --inplace >>"$CHECK_LOG" 2>&1; then
