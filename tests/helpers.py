@@ -135,7 +135,7 @@ def pretend_synchronising(monkeypatch):
     def synchronises(norm):
         return type(norm) is torch.nn.SyncBatchNorm and norm.training
 
-    for module in ("splat_conv", "sk_conv", "res2net"):
+    for module in ("batchnorm", "splat_conv", "sk_conv", "res2net"):
         monkeypatch.setattr(f"splat.modules.{module}.synchronises", synchronises)
 
 

@@ -61,6 +61,12 @@ def synchronises(norm: nn.Module) -> bool:
     return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
 
 
+def is_folded(norm: nn.Module) -> bool:
+    """Whether the kernels fold ``norm`` into their affine map now: a fusable norm that does not
+    ``synchronise`` (one that does runs as its module)."""
+    return is_fusable_batchnorm(norm) and not synchronises(norm)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine, (C,) buffers ``weight``, ``bias``,
     ``running_mean``, ``running_var`` (the keys of torchvision's and timm's FrozenBatchNorm2d):

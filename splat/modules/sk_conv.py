@@ -54,6 +54,7 @@ from splat.modules.batchnorm import (
     batch_norm_scale_shift,
     check_batchnorm,
     identity_bn,
+    is_folded,
     is_fusable_batchnorm,
     num_channels,
     split_attention_bn,
@@ -443,7 +444,7 @@ class FusedSelectiveKernel(_SelectiveKernelBase):
 
     def _mlp(self):
         attn = self.attn
-        if not is_fusable_batchnorm(attn.bn) or synchronises(attn.bn) or type(attn.act) is not nn.ReLU:
+        if not is_folded(attn.bn) or type(attn.act) is not nn.ReLU:
             return None
         fc1, fc2 = attn.fc_reduce, attn.fc_select
         return fc1.weight.flatten(1), fc1.bias, attn.bn, True, fc2.weight.flatten(1), fc2.bias

@@ -15,7 +15,7 @@ from splat.modules.batchnorm import (
     check_batchnorm,
     check_norm_names,
     identity_bn,
-    is_fusable_batchnorm,
+    is_folded,
     normalized_dtype,
     split_attention_bn,
     synchronises,
@@ -191,7 +191,7 @@ class FusedSplAtConv2d(nn.Module):
             else:
                 bn0s = [self.bn0]
         bn1 = getattr(self, "bn1", None)
-        if bn1 is None or (is_fusable_batchnorm(bn1) and not synchronises(bn1)):
+        if bn1 is None or is_folded(bn1):
             return fused_tail(
                 y, split_attention_bn(bn0s, y), bn0s, None, self.fc1.weight.flatten(1), self.fc1.bias,
                 split_attention_bn([bn1], y) if bn1 is not None else identity_bn(self.fc1.out_channels, y), bn1,
