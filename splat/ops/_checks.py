@@ -54,7 +54,6 @@ def batch_rows(t: torch.Tensor, y: torch.Tensor, channels: int, name: str) -> No
         raise ValueError(f"{name} must have shape {(y.shape[0], channels)}, got {tuple(t.shape)}")
 
 
-
 def vector(v: torch.Tensor, y: torch.Tensor, n: int, name: str) -> None:
     """A floating (n,) parameter vector on y's device."""
     rank(v, 1, name)
