@@ -108,7 +108,7 @@ def check_conv(conv: nn.Module, name: str, cls: type = nn.Conv2d, subclass: bool
     compute something else with it (weight standardisation, dynamic 'same' padding)."""
     if not isinstance(conv, cls) or not (subclass or _plain(conv, cls)):
         kind = f"{type(conv).__module__}.{type(conv).__qualname__}"
-        raise ValueError(f"{name} is {kind}, which may compute something else than torch.nn.{cls.__name__}: not fused")
+        raise ValueError(f"{name} is {kind}, which may compute something other than torch.nn.{cls.__name__}: not fused")
     if cls is nn.Conv2d and (conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
         raise ValueError(f"{name}: padding must be explicit zeros, got {conv.padding!r}/{conv.padding_mode!r}")
 
