@@ -163,12 +163,10 @@ class _SelectiveKernelBase(nn.Module):
         if all(has_bias):
             bias = torch.cat([conv.bias for conv in convs]) if M > 1 else convs[0].bias
         if g.y_groups > 1:
-            K = g.y_groups
-            weight = weight.reshape((M, K, C // K) + weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
-            if bias is not None:
-                # Gathered, not transposed like the weight: torch 2.11's inductor cannot lower a
-                # convolution whose bias is a view.
-                bias = bias[_branch_order(M, C, K, bias.device)]
+            # Gathered rather than transposed in place: torch 2.11's inductor cannot lower a
+            # convolution whose bias is a view.
+            order = _branch_order(M, C, g.y_groups, weight.device)
+            weight, bias = weight[order], None if bias is None else bias[order]
         return weight, bias
 
     def _branch_conv(self, x: Tensor) -> tuple[Tensor, _Geometry]:
