@@ -141,7 +141,8 @@ def pretend_synchronising(monkeypatch):
 
 def as_subclass(module, name):
     """``module`` with its class replaced by an empty subclass named ``name``: what a user's
-    StdConv2d (a Conv2d subclass computing something else) looks like to from_module."""
+    StdConv2d (a Conv2d subclass computing something else) looks like to from_module, or another
+    project's copy of a block to convert, which recognises blocks by class name."""
     module.__class__ = type(name, (type(module),), {})
     return module
 

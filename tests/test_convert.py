@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from splat.convert import ConversionReport, convert
-from tests.helpers import CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, backend_params, cuda_graph_step, rand, randomize_bn
+from tests.helpers import (
+    CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, as_subclass, backend_params, cuda_graph_step, rand, randomize_bn,
+)
 from tests.reference import res2net as ref_res2net
 from tests.reference.norms import freeze
 from tests.reference.sk import SelectiveKernel, SKConv
@@ -18,13 +20,6 @@ from tests.reference.splat import SplAtConv2d, SplitAttentionConv2d, SplitAttn
 
 class Bottle2neck(ref_res2net.TimmBottle2neck):
     """A user's own copy of timm's Bottle2neck: same class name, defined here."""
-
-
-class OpenMMLabBottle2neck(ref_res2net.MMBottle2neck):
-    """mmdet's Bottle2neck, by name."""
-
-
-OpenMMLabBottle2neck.__name__ = "Bottle2neck"
 
 
 class SplitAttnLike(nn.Module):
@@ -49,7 +44,7 @@ def small_net():
         SelectiveKernel(16, 16, groups=2, attn_channels=8, split_input=False),
         ref_res2net.Bottle2neck(16, 4, baseWidth=32, scale=4, stype="normal"),
         Bottle2neck(16, 4, base_width=32, scale=2),
-        OpenMMLabBottle2neck(16, 4, dilation=2, scales=3, base_width=32),
+        as_subclass(ref_res2net.MMBottle2neck(16, 4, dilation=2, scales=3, base_width=32), "Bottle2neck"),
         SplitAttentionConv2d(16, 16, 3, padding=1, groups=2, radix=2),
         SplitAttnLike(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
@@ -125,7 +120,7 @@ def test_trains_like_the_original():
 
 
 class Bottle2neckLike(nn.Module):
-    """A Bottle2neck by name and attributes that is none of the three kinds: must be left alone."""
+    """A Bottle2neck's attributes but none of the three kinds (named Bottle2neck where used): must be left alone."""
 
     def __init__(self):
         super().__init__()
@@ -136,15 +131,12 @@ class Bottle2neckLike(nn.Module):
         return self.conv3(self.conv1(x))
 
 
-Bottle2neckLike.__name__ = "Bottle2neck"
-
-
 def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
     model = nn.Sequential(
         SplitAttn(16, 16, act_layer=nn.SiLU),
         SplitAttn(16, 16, norm_layer=nn.BatchNorm2d),
         SplAtConv2d(16, 16, 3, padding=1, norm_layer=nn.BatchNorm2d),
-        Bottle2neckLike(),
+        as_subclass(Bottle2neckLike(), "Bottle2neck"),
     )
     model[2].bn0 = nn.GroupNorm(4, 32)
     with caplog.at_level(logging.INFO, logger="splat"):
