@@ -450,6 +450,9 @@ def test_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+# The statistics of no elements are 0/0, which torch and numpy (the Triton interpreter) warn about.
+@pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom:UserWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("hw", [(4, 4), (0, 3), (0, 0)], ids=["4x4", "0x3", "0x0"])
 @pytest.mark.parametrize("backend", backend_params())
 def test_empty_batch(backend, hw):
@@ -458,7 +461,8 @@ def test_empty_batch(backend, hw):
     assert ops.radix_pool(y, scale, shift, 2, backend).shape == (0, 4)
     assert ops.attention_sum(y, scale, shift, rand(0, 8), 2, backend).shape == (0, 4, *hw)
     assert ops.radix_softmax(rand(0, 8), 2, 1, backend).shape == (0, 8)
-    assert [t.shape for t in ops.channel_stats(y, backend)] == [(8,), (8,)]
+    mean, var = ops.channel_stats(y, backend)
+    assert mean.shape == var.shape == (8,) and mean.isnan().all() and var.isnan().all()  # as torch.var_mean
     dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 4), y, scale, shift, 2, 1, backend)
     assert dy.shape == y.shape and dscale.shape == dshift.shape == (8,)
     dout = rand(0, 4, *hw)
