@@ -465,7 +465,7 @@ def test_empty_batch(backend, hw):
     assert mean.shape == var.shape == (8,) and mean.isnan().all() and var.isnan().all()  # as torch.var_mean
     dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 4), y, scale, shift, 2, 1, backend)
     assert dy.shape == y.shape and dscale.shape == dshift.shape == (8,)
-    assert not dscale.any() and not dshift.any()  # sums over nothing, written although poisoned
+    assert not dscale.any() and not dshift.any()  # sums over nothing: zeros written over the poison
     dout = rand(0, 4, *hw)
     sums = torch.ops.splat.split_attention_backward_sums(dout, y, scale, shift, rand(0, 8), 2, 1, backend)
     assert [t.shape for t in sums] == [(8,), (8,), (0, 8), (0, 8), (0, 8)]
