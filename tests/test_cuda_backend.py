@@ -348,32 +348,6 @@ def test_opcheck(cuda_ops, dtype, layout):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_empty_batch(cuda_ops, layout):
-    sc = torch.ops.splat_cuda
-    y = torch.empty(0, 16, 4, 4, device=DEVICE).contiguous(memory_format=LAYOUTS[layout])
-    scale, shift = bn_vectors(16, torch.float32)
-    attn = torch.empty(0, 16, device=DEVICE)
-    assert sc.radix_pool_forward(y, scale, shift, 2, 2).shape == (0, 8)
-    dy, dscale, dshift = sc.radix_pool_backward(torch.empty(0, 8, device=DEVICE), y, scale, shift, 2, 2)
-    assert dy.shape == y.shape and not dscale.any() and not dshift.any()
-    assert sc.attention_sum_forward(y, scale, shift, attn, 2, 2).shape == (0, 8, 4, 4)
-    dout = torch.empty(0, 8, 4, 4, device=DEVICE)
-    dy, dscale, dshift, dattn = sc.attention_sum_backward(dout, y, scale, shift, attn, 2, 2)
-    assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
-    dscale, dshift, dattn, sum_my, sum_m = sc.split_attention_backward_sums(dout, y, scale, shift, attn, 2, 2)
-    assert dattn.shape == sum_my.shape == sum_m.shape == (0, 16) and not dscale.any() and not dshift.any()
-    dgap = torch.empty(0, 8, device=DEVICE)
-    dy, dweight, dbias = sc.split_attention_backward_dy(
-        dout, y, scale, shift, attn, dgap, dscale, dshift, sum_my, sum_m, scale[:0], scale[:0], None, None, 2, 2
-    )
-    assert dy.shape == y.shape and torch.equal(dweight, dscale) and torch.equal(dbias, dshift)
-    assert sc.radix_softmax_forward(attn, 2, 2).shape == (0, 16)
-    mean, var = sc.channel_stats_forward(y)
-    assert mean.shape == var.shape == (16,) and mean.isnan().all() and var.isnan().all()
-    assert sc.channel_stats_backward(mean, var, y, mean).shape == y.shape
-
-
 def test_deterministic(cuda_ops):
     """Fixed-order partials: repeated runs agree bitwise, in both layouts."""
     for layout in LAYOUTS:

@@ -454,25 +454,30 @@ def test_deterministic(backend):
 @pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom:UserWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("hw", [(4, 4), (0, 3), (0, 0)], ids=["4x4", "0x3", "0x0"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_empty_batch(backend, hw):
-    y = rand(0, 8, *hw)
-    scale, shift = bn_vectors(8, torch.float64)
-    assert ops.radix_pool(y, scale, shift, 2, backend).shape == (0, 4)
-    assert ops.attention_sum(y, scale, shift, rand(0, 8), 2, backend).shape == (0, 4, *hw)
-    assert ops.radix_softmax(rand(0, 8), 2, 1, backend).shape == (0, 8)
+def test_empty_batch(backend, layout, hw):
+    """Radix 2 with groups 2 (SK's channel order); sums over nothing are zeros written over the poison."""
+    y = rand(0, 16, *hw, layout=layout)
+    scale, shift = bn_vectors(16, torch.float64)
+    attn, dout = rand(0, 16), rand(0, 8, *hw, layout=layout)
+    assert ops.radix_pool(y, scale, shift, 2, backend, groups=2).shape == (0, 8)
+    dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 8), y, scale, shift, 2, 2, backend)
+    assert dy.shape == y.shape and dscale.shape == dshift.shape == (16,)
+    assert not dscale.any() and not dshift.any()
+    assert ops.attention_sum(y, scale, shift, attn, 2, backend, groups=2).shape == (0, 8, *hw)
+    dy, dscale, dshift, dattn = torch.ops.splat.attention_sum_backward(dout, y, scale, shift, attn, 2, 2, backend)
+    assert dy.shape == y.shape and dattn.shape == (0, 16) and not dscale.any() and not dshift.any()
+    assert ops.radix_softmax(attn, 2, 2, backend).shape == (0, 16)
     mean, var = ops.channel_stats(y, backend)
-    assert mean.shape == var.shape == (8,) and mean.isnan().all() and var.isnan().all()  # as torch.var_mean
-    dy, dscale, dshift = torch.ops.splat.radix_pool_backward(rand(0, 4), y, scale, shift, 2, 1, backend)
-    assert dy.shape == y.shape and dscale.shape == dshift.shape == (8,)
-    assert not dscale.any() and not dshift.any()  # sums over nothing: zeros written over the poison
-    dout = rand(0, 4, *hw)
-    sums = torch.ops.splat.split_attention_backward_sums(dout, y, scale, shift, rand(0, 8), 2, 1, backend)
-    assert [t.shape for t in sums] == [(8,), (8,), (0, 8), (0, 8), (0, 8)]
+    assert mean.shape == var.shape == (16,) and mean.isnan().all() and var.isnan().all()  # as torch.var_mean
+    assert torch.ops.splat.channel_stats_backward(mean, var, y, mean, backend).shape == y.shape
+    sums = torch.ops.splat.split_attention_backward_sums(dout, y, scale, shift, attn, 2, 2, backend)
+    assert [t.shape for t in sums] == [(16,), (16,), (0, 16), (0, 16), (0, 16)]
     assert not sums[0].any() and not sums[1].any()
-    dscale, dshift = rand(8), rand(8)
+    dscale, dshift = rand(16), rand(16)
     dy, dweight, dbias = torch.ops.splat.split_attention_backward_dy(
-        dout, y, scale, shift, rand(0, 8), rand(0, 4), dscale, dshift, *sums[3:], rand(0), rand(0), None, None, 2, 1,
+        dout, y, scale, shift, attn, rand(0, 8), dscale, dshift, *sums[3:], rand(0), rand(0), None, None, 2, 2,
         backend,
     )
     assert dy.shape == y.shape
