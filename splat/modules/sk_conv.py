@@ -163,7 +163,7 @@ class _SelectiveKernelBase(nn.Module):
         if all(has_bias):
             bias = torch.cat([conv.bias for conv in convs]) if M > 1 else convs[0].bias
         if g.y_groups > 1:
-            # Gathered rather than transposed in place: torch 2.11's inductor cannot lower a
+            # Gathered, not reordered by a transposed view: torch 2.11's inductor cannot lower a
             # convolution whose bias is a view.
             order = _branch_order(M, C, g.y_groups, weight.device)
             weight, bias = weight[order], None if bias is None else bias[order]
