@@ -297,12 +297,12 @@ def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_triton_elementwise_tiles_per_program(monkeypatch, layout):
     """The elementwise passes (attention_sum forward, channel_stats backward, split_attention's dy)
-    with every tile of a map in one program, as on a GPU for maps of more tiles than a grid axis
-    holds (``hw_tiles``)."""
+    with several tiles of a map per program, as on a GPU for maps of more tiles than a grid axis
+    holds (``hw_tiles``): a grid axis of two programs, the last tile of the second past the map."""
     from splat.kernels import _tiles
 
-    monkeypatch.setattr(_tiles, "_MAX_GRID_YZ", 1)
-    assert _tiles.hw_tiles(torch.empty(1, 1, 57, 55), 64) == (1, 49)
+    monkeypatch.setattr(_tiles, "_MAX_GRID_YZ", 2)
+    assert _tiles.hw_tiles(torch.empty(1, 1, 57, 55), 64) == (2, 25)
     case = (2, 2, 1, 6, 57, 55)
     check_attention_sum("triton", torch.float64, layout, case)
     check_channel_stats("triton", torch.float64, layout, case)
