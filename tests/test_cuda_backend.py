@@ -163,23 +163,26 @@ def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     check_ops(case, dtype, layout, offset)
 
 
-def check_ops(case, dtype, layout, offset):
+def check_ops(case, dtype, layout, offset, grad_offset=None):
+    """Every op on y and inputs starting ``offset`` elements into their storage, output gradients
+    ``grad_offset`` (default: the same) elements into theirs."""
     B, R, K, C, H, W = case
-    what = f"{case} {dtype} {layout} offset={offset}"
+    grad_offset = offset if grad_offset is None else grad_offset
+    what = f"{case} {dtype} {layout} offset={offset} grad_offset={grad_offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
     scale, shift = bn_vectors(R * C, dtype)
     logits = make((B, R * C), dtype, offset=offset, scale=3.0)
     attn = ops.radix_softmax(logits, R, K, backend="torch").detach()
 
-    compare(lambda be, *a: ops.radix_pool(*a, R, backend=be), [y, scale, shift], offset, "radix_pool " + what)
-    compare(lambda be, x: ops.radix_softmax(x, R, K, backend=be), [logits], offset, "radix_softmax " + what)
-    compare(
-        lambda be, *a: ops.attention_sum(*a, R, backend=be), [y, scale, shift, attn], offset, "attention_sum " + what
-    )
+    pool = lambda be, *a: ops.radix_pool(*a, R, backend=be)  # noqa: E731
+    compare(pool, [y, scale, shift], grad_offset, "radix_pool " + what)
+    compare(lambda be, x: ops.radix_softmax(x, R, K, backend=be), [logits], grad_offset, "radix_softmax " + what)
+    summed = lambda be, *a: ops.attention_sum(*a, R, backend=be)  # noqa: E731
+    compare(summed, [y, scale, shift, attn], grad_offset, "attention_sum " + what)
     # A mean far from zero: E[y^2] - E[y]^2 would lose the variance.
     ys = make((B, R * C, H, W), dtype, layout, offset, shift=30.0)
-    compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], offset, "channel_stats " + what)
-    compare_split_attention_backward(y, scale, shift, R, 1, layout, offset, what)
+    compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], grad_offset, "channel_stats " + what)
+    compare_split_attention_backward(y, scale, shift, R, 1, layout, grad_offset, what)
 
 
 # (B, radix, groups, C, H, W) with y's channels ordered (group, radix, channel of the group): C/K a
@@ -207,17 +210,30 @@ def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
     check_groups(case, dtype, layout, offset)
 
 
-def check_groups(case, dtype, layout, offset):
+def check_groups(case, dtype, layout, offset, grad_offset=None):
     B, R, K, C, H, W = case
-    what = f"{case} {dtype} {layout} offset={offset}"
+    grad_offset = offset if grad_offset is None else grad_offset
+    what = f"{case} {dtype} {layout} offset={offset} grad_offset={grad_offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
     scale, shift = bn_vectors(R * C, dtype)
     attn = torch.rand(B, R * C, device=DEVICE, dtype=dtype)
     pool = lambda be, *a: ops.radix_pool(*a, R, backend=be, groups=K)  # noqa: E731
-    compare(pool, [y, scale, shift], offset, "radix_pool " + what)
+    compare(pool, [y, scale, shift], grad_offset, "radix_pool " + what)
     summed = lambda be, *a: ops.attention_sum(*a, R, backend=be, groups=K)  # noqa: E731
-    compare(summed, [y, scale, shift, attn], offset, "attention_sum " + what)
-    compare_split_attention_backward(y, scale, shift, R, K, layout, offset, what)
+    compare(summed, [y, scale, shift, attn], grad_offset, "attention_sum " + what)
+    compare_split_attention_backward(y, scale, shift, R, K, layout, grad_offset, what)
+
+
+@pytest.mark.parametrize("offsets", [(0, 1), (1, 0)], ids=["y-aligned", "dout-aligned"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inputs_aligned_differently(cuda_ops, dtype, layout, offsets):
+    """y 16-byte aligned and the output gradients one element past a boundary, or the other way
+    round, at sizes where each alone would take the vector paths: no kernel may read both as
+    vectors (a GPU faults on the misaligned access, as the ASan build of the emulator does)."""
+    offset, grad_offset = offsets
+    check_ops((2, 2, 1, 16, 8, 8), dtype, layout, offset, grad_offset)
+    check_groups((2, 2, 2, 16, 5, 5), dtype, layout, offset, grad_offset)
 
 
 @pytest.mark.skipif(not _cuda.emulated(), reason="the order of a block's threads is the CUDA emulator's")
