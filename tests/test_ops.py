@@ -504,6 +504,17 @@ def test_bad_input():
         ops.attention_sum(y, scale, shift, rand(2, 4), 2)
     with pytest.raises(ValueError, match="cardinality=3 must divide"):
         ops.radix_softmax(rand(2, 8), 2, 3)
+    with pytest.raises(ValueError, match="radix must be a positive int, got 0"):
+        ops.radix_pool(y, scale, shift, 0)
+    with pytest.raises(ValueError, match="groups must be a positive int, got 0"):
+        ops.attention_sum(y, scale, shift, rand(2, 8), 2, groups=0)
+    with pytest.raises(ValueError, match="cardinality must be a positive int, got 0"):
+        ops.radix_softmax(rand(2, 8), 2, 0)
+    # The meta device stands in for a second device on a machine with one.
+    with pytest.raises(ValueError, match="scale is on meta but y is on"):
+        ops.radix_pool(y, scale.to("meta"), shift, 2)
+    with pytest.raises(ValueError, match="attn is on meta but y is on"):
+        ops.attention_sum(y, scale, shift, rand(2, 8).to("meta"), 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.radix_pool(y, scale, shift, 2, backend="fast")
 
