@@ -88,8 +88,10 @@ def test_small_net_matches_unconverted(layout, train, norms):
     assert type(model[-4]) is SplitAttnLike, "a different class name is left alone"
     assert model.training == train and all(m.training == train for m in model.modules())
     assert model.state_dict().keys() == original.state_dict().keys()
+    exp_params = dict(original.named_parameters())
     for name, p in model.named_parameters():
         assert p.dtype == torch.float64 and p.device.type == DEVICE.type, name
+        assert p.is_contiguous(memory_format=layout) == exp_params[name].is_contiguous(memory_format=layout), name
     x = rand(2, 3, 8, 8, layout=layout)
     out, dx, grads = run(model, x)
     exp_out, exp_dx, exp_grads = run(original, x)
@@ -120,11 +122,12 @@ def test_trains_like_the_original():
 
 
 class Bottle2neckLike(nn.Module):
-    """A Bottle2neck's attributes but none of the three kinds (named Bottle2neck where used): must be left alone."""
+    """A Bottle2neck's attributes but none of the three kinds (named Bottle2neck where used): must be
+    left alone, the SplitAttn inside it too (a skipped block is left whole)."""
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv3 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.conv1, self.conv3 = SplitAttn(16, 16), nn.Conv2d(16, 16, 1)
         self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
 
     def forward(self, x):
@@ -149,6 +152,7 @@ def test_unsupported_blocks_are_skipped_with_a_reason(caplog):
     assert "SiLU" in report.skipped[0][2] and "BatchNorm2d" in report.skipped[1][2]
     assert "not a Res2Net Bottle2neck" in report.skipped[2][2]
     assert type(model[0]).__name__ == "SplitAttn" and type(model[2]).__name__ == "SplAtConv2d"
+    assert type(model[3].conv1).__name__ == "SplitAttn"
     assert "replaced SplitAttn x1" in caplog.text and "left 3 unchanged" in caplog.text
 
 
