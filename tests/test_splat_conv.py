@@ -274,15 +274,21 @@ CastingFrozenBatchNorm2d.__name__ = "FrozenBatchNorm2d"
 
 @pytest.mark.parametrize("norm", [BN, FrozenBatchNorm2d, CastingFrozenBatchNorm2d], ids=["bn", "frozen", "casting"])
 @pytest.mark.parametrize("config", ["resnest", "1s4x"])
+@pytest.mark.parametrize("tail", ["fused", "separate-ops"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_autocast_output_dtype(train, config, norm):
+def test_autocast_output_dtype(train, tail, config, norm):
     """Under autocast the fused module returns the dtype (and about the values) the reference returns,
-    also with frozen BNs whose float32 buffers promote the normalised conv output (torchvision's)."""
+    also with frozen BNs whose float32 buffers promote the normalised conv output (torchvision's),
+    on splat::split_attention and on the separate ops (a GroupNorm bn1)."""
     ref, fused = make_pair(dict(CONFIGS[config], norm_layer=norm), "auto", torch.float32)
     for bn in (ref.bn0, ref.bn1):
         if not isinstance(bn, BN):
             bn.running_mean.normal_()
-    fused.load_state_dict(ref.state_dict())
+    if tail == "fused":
+        fused.load_state_dict(ref.state_dict())
+    else:
+        ref.bn1 = nn.GroupNorm(2, ref.fc1.out_channels).to(DEVICE)
+        fused = splat.FusedSplAtConv2d.from_module(ref)
     ref.train(train)
     fused.train(train)
     x = rand(2, CONFIGS[config]["in_channels"], 6, 6, dtype=torch.float32)
