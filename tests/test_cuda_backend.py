@@ -160,14 +160,13 @@ def test_available_with_cuda():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_ops_match_torch_backend(cuda_ops, case, dtype, layout, offset):
-    check_ops(case, dtype, layout, offset)
+    check_ops(case, dtype, layout, offset, offset)
 
 
-def check_ops(case, dtype, layout, offset, grad_offset=None):
+def check_ops(case, dtype, layout, offset, grad_offset):
     """Every op on y and inputs starting ``offset`` elements into their storage, output gradients
-    ``grad_offset`` (default: the same) elements into theirs."""
+    ``grad_offset`` elements into theirs."""
     B, R, K, C, H, W = case
-    grad_offset = offset if grad_offset is None else grad_offset
     what = f"{case} {dtype} {layout} offset={offset} grad_offset={grad_offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
     scale, shift = bn_vectors(R * C, dtype)
@@ -207,12 +206,11 @@ GROUP_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GROUP_CASES)
 def test_groups_match_torch_backend(cuda_ops, case, dtype, layout, offset):
-    check_groups(case, dtype, layout, offset)
+    check_groups(case, dtype, layout, offset, offset)
 
 
-def check_groups(case, dtype, layout, offset, grad_offset=None):
+def check_groups(case, dtype, layout, offset, grad_offset):
     B, R, K, C, H, W = case
-    grad_offset = offset if grad_offset is None else grad_offset
     what = f"{case} {dtype} {layout} offset={offset} grad_offset={grad_offset}"
     y = make((B, R * C, H, W), dtype, layout, offset)
     scale, shift = bn_vectors(R * C, dtype)
@@ -243,9 +241,9 @@ def test_reverse_thread_order(cuda_ops, monkeypatch, layout):
     memory that the usual order hides (a write after another thread's read) would show here."""
     monkeypatch.setenv("SPLAT_CUDA_EMULATE_ORDER", "reverse")
     for case in CASES:
-        check_ops(case.values[0], torch.float32, layout, 0)
+        check_ops(case.values[0], torch.float32, layout, 0, 0)
     for case in GROUP_CASES:
-        check_groups(case.values[0], torch.float32, layout, 0)
+        check_groups(case.values[0], torch.float32, layout, 0, 0)
 
 
 # y's shapes for the mixed-dtype tests: a small map, and NCHW rows cut into chunks (plan_rows).
