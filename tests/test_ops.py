@@ -26,13 +26,14 @@ CASES = [
 def expected_pool(y, scale, shift, radix):
     B, RC, H, W = y.shape
     act = torch.relu(y * scale[:, None, None] + shift[:, None, None])
-    return act.reshape(B, radix, RC // radix, H * W).sum(1).mean(-1)
+    return act.reshape(B, radix, RC // radix, H * W).sum(1).mean(-1).to(y.dtype)
 
 
 def expected_attention_sum(y, scale, shift, attn, radix):
     B, RC, H, W = y.shape
     act = torch.relu(y * scale[:, None, None] + shift[:, None, None]).reshape(B, radix, RC // radix, H, W)
-    return (act * attn.reshape(B, radix, RC // radix, 1, 1)).sum(1)
+    out = (act * attn.reshape(B, radix, RC // radix, 1, 1)).sum(1)
+    return out.to(torch.promote_types(y.dtype, attn.dtype))
 
 
 def expected_softmax(logits, radix, cardinality):
@@ -43,6 +44,7 @@ def expected_softmax(logits, radix, cardinality):
 
 
 def expected_stats(y):
+    y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
 
 
