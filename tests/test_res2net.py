@@ -71,6 +71,11 @@ def module_cases():
                 if interpreted and dtype == torch.float32 and name not in TRITON_FLOAT32:
                     continue
                 for train in (True, False):
+                    # Training-mode BN over the 18 pixels of a strided 5x6 map makes half-precision
+                    # gradients hinge on ReLU masks at rounding distance from zero: low precision
+                    # trains in test_matches_reference_low_precision, on 14x14 maps.
+                    if train and dtype in (torch.float16, torch.bfloat16):
+                        continue
                     layouts = LAYOUTS if not interpreted else [LAYOUTS[(i + train) % 2]]
                     for layout in layouts:
                         mode, fmt = "train" if train else "eval", "nhwc" if layout == NHWC else "nchw"
