@@ -21,6 +21,11 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate and return statistics in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 # Relative floor under the 3x-reference bound: gradients through training-mode BN of the tiny
 # MLP are ill-conditioned (the reference itself is off by ~1e-4 in float32 there).
 FLOOR = {torch.float32: 1e-4, torch.float16: 4 * torch.finfo(torch.float16).eps,

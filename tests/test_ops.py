@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splat import ops
-from tests.helpers import BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, assert_close, backend_params, rand
+from tests.helpers import (
+    BACKENDS, DEVICE, DTYPES, LAYOUTS, PROPERTY, acc_dtype, assert_close, backend_params, rand,
+)
 
 # (B, radix, cardinality, C, H, W): odd channels, 1x1 maps, radix 1, H*W beyond one tile
 # (tails in both layouts), more channels than one NHWC tile.
@@ -44,12 +46,12 @@ def expected_softmax(logits, radix, cardinality):
 
 
 def expected_stats(y):
-    y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    y = y.to(acc_dtype(y.dtype))
     return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
 
 
 def bn_vectors(channels, dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     return rand(channels, dtype=acc).abs() + 0.5, rand(channels, dtype=acc) * 0.5
 
 
@@ -107,7 +109,7 @@ def check_channel_stats(backend, dtype, layout, case):
     # A mean far from zero: a naive E[y^2] - E[y]^2 would lose every digit of the variance.
     y = (rand(B, R * C, H, W, dtype=dtype, layout=layout) * 0.1 + 30).to(dtype)
     mean, var = check_op(lambda y: ops.channel_stats(y, backend), expected_stats, [y], dtype, "channel_stats")
-    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    expected_dtype = acc_dtype(dtype)
     assert mean.dtype == var.dtype == expected_dtype
 
 
@@ -175,7 +177,7 @@ SPLIT_CASES = [
 def expected_split_attention(case, y, w0, b0, w1, b1, g1, be1, w2, b2):
     """The tail from its definition, in the accumulation dtype: (out, mean0, var0, mean1, var1)."""
     B, R, G, K, C, inter, H, W, stats0, stats1, relu, _ = case
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(y.dtype)
     ya = y.to(acc)
     empty = ya.new_zeros(0)
     mean0, var0, mean1, var1 = empty, empty, empty, empty
@@ -202,7 +204,7 @@ def expected_split_attention(case, y, w0, b0, w1, b1, g1, be1, w2, b2):
 def split_attention_inputs(case, dtype, layout=torch.contiguous_format):
     """y, then the (R*C,) BN0 vectors, fc1, BN1 vectors and fc2 of a ``SPLIT_CASES`` case."""
     B, R, G, K, C, inter, H, W, _, _, _, bias = case
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     w0, b0 = bn_vectors(R * C, dtype)
     g1, be1 = bn_vectors(inter, dtype)
     return {
