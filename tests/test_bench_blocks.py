@@ -51,6 +51,31 @@ def test_op_cases_run(dtype, layout):
             assert torch.isfinite(out).all(), (op, direction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_float64_arbiter(dtype):
+    """An implementation that disagrees with eager passes only if it is near float64 where eager is
+    not (eager's ReLU mask flipped), and float64 is computed only on disagreement."""
+    bench = cpu_bench()
+    torch.manual_seed(0)
+    out64, dx64 = torch.randn(4, 8, 5, 5, dtype=torch.float64), torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    calls = []
+
+    def exact():
+        calls.append(1)
+        return out64, dx64
+
+    out = out64.to(dtype)
+    dx = (dx64 * (1 + 1e-4 * torch.randn_like(dx64))).float()
+    off = dx.clone()
+    off[0, :, 1:4, 1:4] += 0.3 * dx64.abs().max().item()  # a whole 3x3 footprint moved, as by a mask flip
+    assert bench.check(out, dx, out, dx, dtype, exact) is None and not calls
+    assert bench.check(out, dx, out, off, dtype, exact) is None and calls
+    reason = bench.check(out, off, out, dx, dtype, exact)
+    assert reason is not None and "from float64" in reason
+    assert bench.check(out, off, out, off.clone(), dtype, exact) is None
+    assert "shape" in bench.check(out[:, :4], dx, out, dx, dtype, exact)
+
+
 def test_report_with_gpu_fields(tmp_path, capsys):
     """host_ms, compile and op records (a GPU run's) reach the printed and the markdown report."""
     bench = cpu_bench()
