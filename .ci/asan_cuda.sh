@@ -25,4 +25,4 @@ preload="$asan $(c++ -print-file-name=libstdc++.so.6)"
 LD_PRELOAD=$preload python3 -c "import splat; ok, why = splat.backends()['cuda']; assert ok, why"
 # -s: a sanitizer ends the process at once, so its report must not wait in pytest's capture.
 LD_PRELOAD=$preload python3 -m pytest -q -s -p no:cacheprovider -k cuda \
-  tests/test_cuda_backend.py tests/test_splat_conv.py tests/test_sk_conv.py tests/test_res2net.py tests/test_hardening.py
+  tests/test_cuda_backend.py tests/test_bn_add_relu.py tests/test_splat_conv.py tests/test_sk_conv.py tests/test_res2net.py tests/test_hardening.py

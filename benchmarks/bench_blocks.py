@@ -662,6 +662,17 @@ class Bench:
         # Training: three reads of y forward (statistics, pool, sum) and two backward, see NOTES.md.
         tail_bytes = 6 * y.nbytes + 3 * dout.nbytes
 
+        # A bottleneck's bn3 + shortcut + ReLU on a tensor of y's shape: four passes forward
+        # (statistics, then y and the residual read and out written), eight backward, see
+        # splat/ops/bn_add_relu.py.
+        residual, dy_out = torch.randn_like(y), torch.randn_like(y)
+        bn_out, _, _ = splat.ops.bn_add_relu(y, residual, bn=(scale, shift, True, 1e-5), backend=backend)
+
+        def bn_add_relu(y, residual, scale, shift, dout):
+            leaves = [t.detach().requires_grad_() for t in (y, residual, scale, shift)]
+            out, _, _ = splat.ops.bn_add_relu(leaves[0], leaves[1], bn=(*leaves[2:], True, 1e-5), backend=backend)
+            return torch.autograd.grad(out, leaves, dout)
+
         def tail(y, scale, shift, w1, g1, b1, w2, dout):
             leaves = [t.detach().requires_grad_() for t in (y, scale, shift, w1, g1, b1, w2)]
             out, *_ = splat.ops.split_attention(
@@ -686,6 +697,12 @@ class Bench:
             ("radix_softmax", "bwd", lk, ops.radix_softmax_backward, (dattn, attn, R, K, backend)),
             ("attention_sum", "fwd", yk, ops.attention_sum, (y, scale, shift, attn, R, 1, backend)),
             ("attention_sum", "bwd", yk, ops.attention_sum_backward, (dout, y, scale, shift, attn, R, 1, backend)),
+            ("bn_add_relu", "fwd+bwd", yk, bn_add_relu, (y, residual, scale, shift, dy_out), 12 * y.nbytes),
+            ("bn_add_relu", "fwd", yk, ops.bn_add_relu, (y, residual, scale, shift, True, 1e-5, backend),
+             4 * y.nbytes),
+            ("bn_add_relu", "bwd-sums", yk, ops.bn_add_relu_backward_sums, (dy_out, bn_out, y, backend)),
+            ("bn_add_relu", "bwd-dy", yk, ops.bn_add_relu_backward_dy,
+             (dy_out, bn_out, y, scale, scale, shift, True, backend)),
         ]
 
     def ops_one(self, cfg, dname, lname, backend):

@@ -63,7 +63,11 @@ inline at::MemoryFormat layout_of(const at::Tensor& t) {
   return at::MemoryFormat::Contiguous;
 }
 
-inline bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+// Whether every array starts on a 16-byte boundary; an absent one (nullptr) does.
+template <typename... P>
+bool aligned(const P*... p) {
+  return (true && ... && (reinterpret_cast<uintptr_t>(p) % kVecBytes == 0));
+}
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto d = t.scalar_type();
@@ -259,14 +263,16 @@ __device__ __forceinline__ void store(T* p, const Pack<T, W>& v) {
 }
 
 // Elements before the first 16-byte boundary of `p`, where every array of a row starts its vector
-// body; `n` (all scalar) when another array is not aligned the same way relative to `p`.
+// body; `n` (all scalar) when another array is not aligned the same way relative to `p`. An absent
+// array (nullptr, not accessed) constrains nothing.
 template <int V, typename T, typename... U>
 __device__ __forceinline__ int64_t aligned_head(int64_t n, const T* p, const U*... q) {
   static_assert(V * sizeof(T) == kVecBytes, "the first array sets the vector width");
   const auto misalign = reinterpret_cast<uintptr_t>(p) % kVecBytes;
   const int64_t head = static_cast<int64_t>((kVecBytes - misalign) % kVecBytes / sizeof(T));
-  const bool together =
-      (true && ... && ((reinterpret_cast<uintptr_t>(q) + head * sizeof(U)) % alignof(Pack<U, V>) == 0));
+  const bool together = (true && ... &&
+                         (q == nullptr ||
+                          (reinterpret_cast<uintptr_t>(q) + head * sizeof(U)) % alignof(Pack<U, V>) == 0));
   return together && head < n ? head : n;
 }
 

@@ -26,6 +26,11 @@ TORCH_LIBRARY(splat_cuda, m) {
       " Tensor? dvar, int radix, int groups) -> (Tensor, Tensor, Tensor)");
   m.def("channel_stats_forward(Tensor y) -> (Tensor, Tensor)");
   m.def("channel_stats_backward(Tensor dmean, Tensor dvar, Tensor y, Tensor mean) -> Tensor");
+  m.def("bn_add_relu_forward(Tensor y, Tensor? residual, Tensor scale, Tensor shift) -> Tensor");
+  m.def("bn_add_relu_backward_sums(Tensor dout, Tensor out, Tensor y) -> (Tensor, Tensor)");
+  m.def(
+      "bn_add_relu_backward_dy(Tensor dout, Tensor out, Tensor y, Tensor scale, Tensor gamma, Tensor delta,"
+      " bool residual_grad) -> (Tensor, Tensor)");
 }
 
 // An empty Python module, so that the library built by setup.py loads with `import splat._C`

@@ -204,6 +204,11 @@ def _fakes() -> dict:
     split_attention = importlib.import_module("splat.ops.split_attention")
     fakes["split_attention_backward_sums"] = split_attention.fake_backward_sums
     fakes["split_attention_backward_dy"] = split_attention.fake_backward_dy
+    # bn_add_relu has a forward kernel and, like split_attention, two backward passes (no fake_backward).
+    bn_add_relu = importlib.import_module("splat.ops.bn_add_relu")
+    fakes["bn_add_relu_forward"] = bn_add_relu.fake_forward
+    fakes["bn_add_relu_backward_sums"] = bn_add_relu.fake_backward_sums
+    fakes["bn_add_relu_backward_dy"] = bn_add_relu.fake_backward_dy
     return fakes
 
 

@@ -1,9 +1,10 @@
 """The C++/CUDA backend (``torch.ops.splat_cuda``) against the torch backend, op by op.
 
-Covers every op forward and backward (split_attention's two backward passes as raw ops against
-their references), all dtypes, NCHW and channels_last, odd sizes, tensors whose data is not 16-byte
-aligned (storage offset of one element, so the scalar paths run), a second GPU, gradcheck in
-float64, opcheck of the raw ops, empty batches and input validation. On a machine without CUDA the
+Covers every op forward and backward (split_attention's two backward passes, and bn_add_relu's
+with batch statistics, as raw ops against their references), all dtypes, NCHW and channels_last,
+odd sizes, tensors whose data is not 16-byte aligned (storage offset of one element, so the scalar
+paths run), a second GPU, gradcheck in float64, opcheck of the raw ops, empty batches and input
+validation. On a machine without CUDA the
 same kernels run on CPU tensors through the CUDA emulator (``SPLAT_CUDA_EMULATE=1``, set by
 tests/conftest.py), which also stops any launch whose barriers or shuffles diverge.
 """
@@ -14,6 +15,8 @@ import torch
 import splat
 from splat import _cuda, ops
 from splat._layout import acc_dtype
+from splat.ops.bn_add_relu import _torch_backward_dy as bn_add_relu_dy_reference
+from splat.ops.bn_add_relu import _torch_backward_sums as bn_add_relu_sums_reference
 from splat.ops.split_attention import _torch_backward_dy, _torch_backward_sums
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -135,6 +138,36 @@ def compare_split_attention_backward(y, scale, shift, radix, groups, layout, off
             assert_matches(a, e, f"split_attention_backward_dy output {i}, {stats}, {name}")
 
 
+def compare_bn_add_relu(y, scale, shift, layout, offset, grad_offset, name):
+    """bn_add_relu without batch statistics (scale and shift are then its weight and bias: both
+    backends apply the same ReLU mask, which batch statistics rounded differently could flip), with
+    and without a residual; its raw backward passes against their references, with and without batch
+    statistics' gamma and delta and the residual's gradient. The residual and dout start
+    ``grad_offset`` elements into their storage, out 0 and then 1: the callers' offsets (both 0, and
+    each 0 with the other 1) make each array the only misaligned one of a call somewhere."""
+    sc = torch.ops.splat_cuda
+    residual = make(y.shape, y.dtype, layout, grad_offset, device=y.device)
+    plain = lambda be, x, *bn: ops.bn_add_relu(x, bn=(*bn, False, 1e-5), backend=be)[0]  # noqa: E731
+    compare(plain, [y, scale, shift], grad_offset, "bn_add_relu " + name)
+    added = lambda be, x, r, *bn: ops.bn_add_relu(x, r, bn=(*bn, False, 1e-5), backend=be)[0]  # noqa: E731
+    compare(added, [y, residual, scale, shift], grad_offset, "bn_add_relu with residual " + name)
+    dout = make(y.shape, y.dtype, layout, grad_offset, device=y.device)
+    vector = lambda: make((y.shape[1],), scale.dtype, offset=offset, device=y.device)  # noqa: E731
+    for out_offset in (0, 1):
+        out = make(y.shape, y.dtype, layout, out_offset, device=y.device)
+        out.copy_(sc.bn_add_relu_forward(y, residual, scale, shift))
+        what = f"out_offset={out_offset} {name}"
+        for i, (a, e) in enumerate(zip(sc.bn_add_relu_backward_sums(dout, out, y),
+                                       bn_add_relu_sums_reference(dout, out, y))):
+            assert_matches(a, e, f"bn_add_relu_backward_sums output {i}, {what}")
+        for gamma, delta in ((vector(), vector()), (scale[:0], scale[:0])):
+            for residual_grad in (True, False):
+                args = (dout, out, y, scale, gamma, delta, residual_grad)
+                pass2 = f"bn_add_relu_backward_dy, gamma {tuple(gamma.shape)}, residual_grad={residual_grad}"
+                for i, (a, e) in enumerate(zip(sc.bn_add_relu_backward_dy(*args), bn_add_relu_dy_reference(*args))):
+                    assert_matches(a, e, f"{pass2} output {i}, {what}")
+
+
 def test_unavailable_without_cuda_or_emulation(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -182,6 +215,7 @@ def check_ops(case, dtype, layout, offset, grad_offset):
     ys = make((B, R * C, H, W), dtype, layout, offset, shift=30.0)
     compare(lambda be, x: ops.channel_stats(x, backend=be), [ys], grad_offset, "channel_stats " + what)
     compare_split_attention_backward(y, scale, shift, R, 1, layout, grad_offset, what)
+    compare_bn_add_relu(y, scale, shift, layout, offset, grad_offset, what)
 
 
 # (B, radix, groups, C, H, W) with y's channels ordered (group, radix, channel of the group): C/K a
@@ -296,6 +330,7 @@ def test_second_device(cuda_ops):
             compare(lambda be, x: ops.radix_softmax(x, 2, 2, backend=be), [logits], 0, "softmax cuda:1")
             compare(lambda be, x: ops.channel_stats(x, backend=be), [y], 0, "channel_stats cuda:1")
             compare_split_attention_backward(y, scale, shift, 2, 2, layout, 0, "cuda:1")
+            compare_bn_add_relu(y, scale, shift, layout, 0, 0, "cuda:1")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -312,6 +347,10 @@ def test_gradcheck(cuda_ops, layout):
     assert gradcheck(lambda x: ops.radix_softmax(x, R, K, backend="cuda"), (logits,))
     assert gradcheck(lambda x: ops.radix_softmax(x, 1, K, backend="cuda"), (logits,))
     assert gradcheck(lambda x: ops.channel_stats(x, backend="cuda"), (y,))
+    residual = make(y.shape, torch.float64, layout).requires_grad_()
+    for batch_stats in (False, True):
+        bn = lambda x, r, *wb: ops.bn_add_relu(x, r, bn=(*wb, batch_stats, 1e-5), backend="cuda")  # noqa: E731
+        assert gradcheck(bn, (y, residual, scale, shift))
 
 
 def op_samples(layout, dtype, attn_dtype=None):
@@ -348,6 +387,13 @@ def op_samples(layout, dtype, attn_dtype=None):
                                           *rows[2:], *vectors[2:], R, 1)),
         (sc.split_attention_backward_dy, (make((B, C, H, W), dtype, layout), y, scale, shift, *rows[:2], *vectors[:2],
                                           *rows[2:], empty, empty, None, None, R, K)),
+        (sc.bn_add_relu_forward, (y, None, scale, shift)),
+        (sc.bn_add_relu_forward, (y, make(y.shape, dtype, layout), scale, shift)),
+        (sc.bn_add_relu_backward_sums, (make(y.shape, dtype, layout), make(y.shape, dtype, layout), y)),
+        (sc.bn_add_relu_backward_dy, (make(y.shape, dtype, layout), make(y.shape, dtype, layout), y, scale,
+                                      *vectors[:2], True)),
+        (sc.bn_add_relu_backward_dy, (make(y.shape, dtype, layout), make(y.shape, dtype, layout), y, scale,
+                                      empty, empty, False)),
     ]
 
 
@@ -378,6 +424,7 @@ def test_deterministic(cuda_ops):
             (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 1)),
             (sc.radix_pool_backward, (make((4, 32), torch.float32), y, scale, shift, 2, 4)),
             (sc.channel_stats_forward, (y,)),
+            (sc.bn_add_relu_backward_sums, (make(y.shape, torch.float32, layout), y, y)),
         ]:
             first, second = op(*args), op(*args)
             assert all(torch.equal(a, b) for a, b in zip(first, second)), (op, layout)
@@ -431,3 +478,17 @@ def test_invalid_inputs(cuda_ops):
         pass2(rstd=scale[:8])
     with pytest.raises(RuntimeError, match="dvar must have shape"):
         pass2(dvar=scale[:8])
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        sc.bn_add_relu_forward(y, y[:, :8], scale, shift)
+    with pytest.raises(RuntimeError, match="residual must have y's dtype"):
+        sc.bn_add_relu_forward(y, y.double(), scale, shift)
+    with pytest.raises(RuntimeError, match="shift must be"):
+        sc.bn_add_relu_forward(y, None, scale, shift.double())
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        sc.bn_add_relu_backward_sums(y, y[:1], y)
+    with pytest.raises(RuntimeError, match="dout must have shape"):
+        sc.bn_add_relu_backward_dy(y[:, :8], y, y, scale, scale, shift, True)
+    with pytest.raises(RuntimeError, match="delta must have shape"):
+        sc.bn_add_relu_backward_dy(y, y, y, scale, scale, shift[:8], True)
+    with pytest.raises(RuntimeError, match="delta must be empty"):
+        sc.bn_add_relu_backward_dy(y, y, y, scale, scale[:0], shift, False)

@@ -155,6 +155,18 @@ def _res2net_chain(B, width, H, stage, dtype, layout):
     out.sum().backward()
 
 
+def _bn_add_relu(B, C, H, W, dtype, layout, residual=True):
+    """bn_add_relu forward and backward with training statistics, on one shape."""
+    from splat import ops
+
+    y = _empty((B, C, H, W), dtype, layout, requires_grad=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    res = _empty((B, C, H, W), dtype, layout, requires_grad=True) if residual else None
+    out, _, _ = ops.bn_add_relu(y, res, bn=(torch.ones(C, dtype=acc), torch.zeros(C, dtype=acc), True, 1e-5),
+                                backend="triton")
+    out.sum().backward()
+
+
 def _benchmark_shapes(dtype, layout):
     """The stage shapes bench_blocks.py times (batch 64 at 224), so their block sizes compile too."""
     for C, H in ((64, 56), (128, 28), (256, 14), (512, 7)):
@@ -163,6 +175,9 @@ def _benchmark_shapes(dtype, layout):
     for width, H in ((26, 56), (52, 28), (104, 14), (208, 7)):
         for stage in (False, True):
             _res2net_chain(64, width, H, stage, dtype, layout)
+        _bn_add_relu(64, 4 * width, H, H, dtype, layout, residual=False)
+    for C, H in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
+        _bn_add_relu(64, C, H, H, dtype, layout)
 
 
 def _gpu_grids(dtype, layout):
@@ -176,6 +191,7 @@ def _gpu_grids(dtype, layout):
         _tail_ops(2, 2, 12, 40, 40, dtype, layout)
         _split_attention(2, 2, 12, 40, 40, dtype, layout, stats_grads=(True, False))
         _split_attention(2, 2, 12, 40, 40, dtype, layout, stats_grads=(False, True))
+        _bn_add_relu(2, 12, 40, 40, dtype, layout)
     finally:
         _tiles.programs_wanted, _tiles._MAX_GRID_YZ = programs_wanted, max_grid
 

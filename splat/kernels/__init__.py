@@ -1,6 +1,7 @@
 """Triton kernels and their launchers, one module per op. Importing this imports triton."""
 
 from splat.kernels.attention_sum import attention_sum_backward, attention_sum_forward
+from splat.kernels.bn_add_relu import bn_add_relu_backward_dy, bn_add_relu_backward_sums, bn_add_relu_forward
 from splat.kernels.channel_stats import channel_stats_backward, channel_stats_forward
 from splat.kernels.radix_pool import radix_pool_backward, radix_pool_forward
 from splat.kernels.radix_softmax import radix_softmax_backward, radix_softmax_forward
@@ -10,6 +11,9 @@ from splat.kernels.split_attention import split_attention_backward_dy, split_att
 __all__ = [
     "attention_sum_backward",
     "attention_sum_forward",
+    "bn_add_relu_backward_dy",
+    "bn_add_relu_backward_sums",
+    "bn_add_relu_forward",
     "channel_stats_backward",
     "channel_stats_forward",
     "radix_pool_backward",

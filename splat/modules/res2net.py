@@ -13,11 +13,15 @@ from splat.modules.batchnorm import (
     batch_updates,
     check_batchnorm,
     check_norm_names,
+    is_folded,
+    normalized_dtype,
+    split_attention_bn,
     synchronises,
     update_running_stats,
     uses_batch_stats,
 )
 from splat.modules.splat_conv import check_conv, check_input, has_layer
+from splat.ops.bn_add_relu import bn_add_relu
 from splat.ops.res2net_chain import output_size, res2net_chain
 
 STYPES = ("normal", "stage")
@@ -37,8 +41,9 @@ class FusedBottle2neck(nn.Module):
     ``groups=cardinality``, ``dilation=padding=dilation``. Input (B, inplanes, H, W), NCHW or
     channels_last; output (B, planes * 4, H', W'), H' = (H - 1) // stride + 1. ``backend``:
     "auto" (``$SPLAT_BACKEND`` if set, else the fastest for the device), "triton", "cuda" or
-    "torch" (pure PyTorch, runs anywhere); it picks the implementation of the branch chain, the
-    1x1 convs run through PyTorch (cuDNN).
+    "torch" (pure PyTorch, runs anywhere); it picks the implementation of the branch chain and
+    of bn1 + ReLU and bn3 + shortcut + ReLU (``splat::bn_add_relu``), the 1x1 convs run through
+    PyTorch (cuDNN).
 
     ``drop_block`` and ``drop_path`` (None here; ``from_module`` copies timm's DropBlock and
     stochastic depth) run where timm runs them: on the concatenated branches before ``conv3``, and
@@ -120,9 +125,26 @@ class FusedBottle2neck(nn.Module):
             pieces.append(F.avg_pool2d(spx[-1], 3, self.stride, 1) if self.stype == "stage" else spx[-1])
         return torch.cat(pieces, 1)
 
+    def _bn_add_relu(self, bn: nn.Module, y: Tensor, residual: Tensor | None = None, drop_path=None) -> Tensor:
+        """relu(drop_path(bn(y)) + residual): one op where the kernels fold ``bn``, there is no
+        drop_path and the result keeps y's dtype (under autocast a FrozenBatchNorm2d of float32
+        buffers promotes, and a float32 residual does not: the original adds it in place)."""
+        if (drop_path is None and is_folded(bn) and y.shape[0] > 0 and normalized_dtype(y, [bn]) == y.dtype
+                and (residual is None or residual.dtype == y.dtype)):
+            out, mean, var = bn_add_relu(y, residual, bn=split_attention_bn([bn], y), backend=self.backend)
+            n = y.shape[0] * y.shape[2] * y.shape[3]
+            update_running_stats(batch_updates([bn], mean.detach(), var.detach(), n))
+            return out
+        out = bn(y)
+        if drop_path is not None:
+            out = drop_path(out)
+        if residual is not None:
+            out += residual
+        return F.relu(out)
+
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.conv1.weight, self.conv1.in_channels)
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self._bn_add_relu(self.bn1, self.conv1(x))
         if x.shape[0] == 0 or any(synchronises(bn) for bn in self.bns):
             chain = self._unfused_chain(out)
         else:
@@ -139,12 +161,8 @@ class FusedBottle2neck(nn.Module):
                 update_running_stats(batch_updates(self.bns, mean.detach(), var.detach(), n))
         if self.drop_block is not None:
             chain = self.drop_block(chain)
-        out = self.bn3(self.conv3(chain))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        # In place, like the original: under autocast the sum keeps bn3's dtype.
-        out += x if self.downsample is None else self.downsample(x)
-        return F.relu(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self._bn_add_relu(self.bn3, self.conv3(chain), shortcut, self.drop_path)
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: str = "auto") -> "FusedBottle2neck":
