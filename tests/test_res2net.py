@@ -93,7 +93,7 @@ def test_matches_reference(backend, dtype, name, train, layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["normal-4s", "stage-4s-s2", "timm-card-dil"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", backend_params())
 def test_matches_reference_low_precision(backend, dtype, name, layout):
