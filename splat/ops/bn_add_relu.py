@@ -28,6 +28,7 @@ from splat import _layout
 from splat import backend as _backend
 from splat.ops import _checks
 from splat.ops.channel_stats import _torch_forward as _channel_stats_reference
+from splat.ops.channel_stats import bn_affine, bn_stats_share
 
 
 def _torch_forward(y: Tensor, residual: Tensor | None, scale: Tensor, shift: Tensor) -> Tensor:
@@ -74,18 +75,6 @@ def fake_backward_dy(dout, out, y, scale, gamma, delta, residual_grad):
     return _layout.empty(y.shape, y), _layout.empty(y.shape, y) if residual_grad else y.new_empty(0)
 
 
-def _affine(weight: Tensor, bias: Tensor, batch_stats: bool, eps: float, mean: Tensor, var: Tensor):
-    """(scale, shift, rstd) in the accumulation dtype; without batch statistics rstd is ``var``,
-    empty as the statistics are."""
-    acc = mean.dtype
-    weight, bias = _layout.cast(weight, acc), _layout.cast(bias, acc)
-    if not batch_stats:
-        return weight, bias, var
-    rstd = torch.rsqrt(var + eps)
-    scale = weight * rstd
-    return scale, torch.addcmul(bias, mean, scale, value=-1), rstd
-
-
 @torch.library.custom_op("splat::bn_add_relu", mutates_args=())
 def _bn_add_relu(
     y: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, batch_stats: bool, eps: float, backend: str
@@ -95,7 +84,7 @@ def _bn_add_relu(
     mean, var, scale_out, rstd_out = (y.new_empty(0, dtype=acc) for _ in range(4))
     if batch_stats:
         mean, var = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
-    scale, shift, rstd = _affine(weight, bias, batch_stats, eps, mean, var)
+    scale, shift, rstd = bn_affine(weight, bias, batch_stats, eps, mean, var)
     if batch_stats:
         scale_out, rstd_out = scale, rstd
     out = _backend.call(backend, "bn_add_relu_forward", _torch_forward, y, residual, scale, shift)
@@ -136,15 +125,7 @@ def _coefficients(sum_g: Tensor, sum_gy: Tensor, scale: Tensor, mean: Tensor, rs
     statistics (``mean`` empty), where (weight, bias) are (scale, shift)."""
     if not mean.numel():
         return sum_gy, sum_g, mean, mean
-    # scale = weight*rstd and shift = bias - mean*scale give dmean = -dbias*scale and
-    # dvar = -dweight*scale*rstd/2; their share of dy is (dmean + 2*dvar*(y - mean))/n = gamma + delta*y.
-    dweight = torch.addcmul(sum_gy, sum_g, mean, value=-1) * rstd
-    delta = dweight * scale * (rstd * (-1 / n))
-    if dvar is not None:
-        delta = delta + dvar * (2 / n)
-    gamma = torch.addcmul(sum_g * scale * (-1 / n), delta, mean, value=-1)
-    if dmean is not None:
-        gamma = gamma + dmean / n
+    dweight, gamma, delta = bn_stats_share(sum_gy, sum_g, scale, mean, rstd, dmean, dvar, n)
     return dweight, sum_g, gamma, delta
 
 

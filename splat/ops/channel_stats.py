@@ -23,6 +23,38 @@ def _torch_backward(dmean: Tensor, dvar: Tensor, y: Tensor, mean: Tensor) -> Ten
     return dy.to(y.dtype).contiguous(memory_format=_layout.memory_format(y))
 
 
+def bn_affine(weight: Tensor, bias: Tensor, batch_stats: bool, eps: float, mean: Tensor, var: Tensor):
+    """A BN given as (weight, bias, batch_stats, eps) as (scale, shift, rstd) in the accumulation
+    dtype (``mean``'s): with batch statistics scale = weight * rstd and shift = bias - mean * scale;
+    without, (weight, bias) are (scale, shift) and rstd is ``var``, empty as the statistics are."""
+    acc = mean.dtype
+    weight, bias = _layout.cast(weight, acc), _layout.cast(bias, acc)
+    if not batch_stats:
+        return weight, bias, var
+    rstd = torch.rsqrt(var + eps)
+    scale = weight * rstd
+    return scale, torch.addcmul(bias, mean, scale, value=-1), rstd
+
+
+def bn_stats_share(dscale: Tensor, dshift: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                   dmean: Tensor | None, dvar: Tensor | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dweight, gamma, delta) of a BN with batch statistics over n values per channel, from the
+    gradients of its affine map (scale, shift) and of the statistics it returns (None if unused):
+    the statistics' share of dy is gamma + delta * y, all (C,).
+
+    scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
+    dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
+    (dmean + 2*dvar*(y - mean))/n = gamma + delta*y."""
+    dweight = torch.addcmul(dscale, dshift, mean, value=-1) * rstd
+    delta = dweight * scale * (rstd * (-1 / n))
+    if dvar is not None:
+        delta = delta + dvar * (2 / n)
+    gamma = torch.addcmul(dshift * scale * (-1 / n), delta, mean, value=-1)
+    if dmean is not None:
+        gamma = gamma + dmean / n
+    return dweight, gamma, delta
+
+
 @torch.library.custom_op("splat::channel_stats", mutates_args=())
 def _channel_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return _backend.call(backend, "channel_stats_forward", _torch_forward, y)

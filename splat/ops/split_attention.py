@@ -45,6 +45,7 @@ from splat.ops import _checks
 from splat.ops.attention_sum import _torch_backward as _attention_sum_backward_reference
 from splat.ops.attention_sum import _torch_forward as _attention_sum_reference
 from splat.ops.channel_stats import _torch_forward as _channel_stats_reference
+from splat.ops.channel_stats import bn_affine, bn_stats_share
 from splat.ops.radix_pool import _torch_forward as _radix_pool_reference
 
 
@@ -156,17 +157,6 @@ class _Mlp:
         return dgap, dfc1_weight, dfc1_bias, dbn1_weight, dbn1_bias, dfc2_weight, dfc2_bias
 
 
-def _bn0_affine(bn0_weight, bn0_bias, batch_stats, eps, mean0, var0, acc):
-    """BN0 as (scale, shift, rstd) in the accumulation dtype; without batch statistics rstd is
-    ``var0``, empty as the statistics are."""
-    weight, bias = _layout.cast(bn0_weight, acc), _layout.cast(bn0_bias, acc)
-    if not batch_stats:
-        return weight, bias, var0
-    rstd = torch.rsqrt(var0 + eps)
-    scale = weight * rstd
-    return scale, torch.addcmul(bias, mean0, scale, value=-1), rstd
-
-
 def _torch_backward_sums(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, attn: Tensor, radix: int,
                          groups: int):
     _, dscale, dshift, dattn = _attention_sum_backward_reference(dout, y, scale, shift, attn, radix, groups)
@@ -187,17 +177,7 @@ def _torch_backward_dy(dout: Tensor, y: Tensor, scale: Tensor, shift: Tensor, at
     dshift = dshift + (sum_m.reshape(B, K, radix, C // K) * pool).sum(0).reshape(RC)
     dweight, gamma, delta = dscale, 0.0, 0.0
     if mean.numel():
-        # scale = weight*rstd and shift = bias - mean*scale give dmean = -dshift*scale and
-        # dvar = -dweight*scale*rstd/2 (dweight = (dscale - dshift*mean)*rstd); their share of dy is
-        # (dmean + 2*dvar*(y - mean))/n = gamma + delta*y.
-        n = B * H * W
-        dweight = torch.addcmul(dscale, dshift, mean, value=-1) * rstd
-        delta = dweight * scale * (rstd * (-1 / n))
-        if dvar is not None:
-            delta = delta + dvar * (2 / n)
-        gamma = torch.addcmul(dshift * scale * (-1 / n), delta, mean, value=-1)
-        if dmean is not None:
-            gamma = gamma + dmean / n
+        dweight, gamma, delta = bn_stats_share(dscale, dshift, scale, mean, rstd, dmean, dvar, B * H * W)
         gamma, delta = gamma[:, None, None], delta[:, None, None]
     alpha = (scale * attn)[:, :, None, None]
     beta = (pool * scale.view(K, radix, C // K)).reshape(B, RC)[:, :, None, None]
@@ -219,7 +199,7 @@ def _split_attention_impl(
     mean0, var0, scale0, shift0, rstd0 = (y.new_empty(0, dtype=acc) for _ in range(5))
     if bn0_batch_stats:
         mean0, var0 = _backend.call(backend, "channel_stats_forward", _channel_stats_reference, y)
-    scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, mean0, var0, acc)
+    scale, shift, rstd = bn_affine(bn0_weight, bn0_bias, bn0_batch_stats, bn0_eps, mean0, var0)
     if bn0_batch_stats:
         scale0, shift0, rstd0 = scale, shift, rstd
     gap = _backend.call(backend, "radix_pool_forward", _radix_pool_reference, y, scale, shift, radix, groups)
@@ -319,7 +299,7 @@ def _backward(ctx, dout, dmean0, dvar0, dmean1, dvar1, *_):
     acc = _layout.acc_dtype(y.dtype)
     B, RC, H, W = y.shape
     if not ctx.bn0_batch_stats:  # the affine map is (bn0_weight, bn0_bias) itself
-        scale, shift, rstd = _bn0_affine(bn0_weight, bn0_bias, False, bn0_eps, mean0, var0, acc)
+        scale, shift, rstd = bn_affine(bn0_weight, bn0_bias, False, bn0_eps, mean0, var0)
     mlp = _Mlp(gap, fc1_weight, None, bn1_weight, None, ctx.bn1_batch_stats, bn1_eps, relu, fc2_weight, None,
                radix, cardinality, groups, acc, (z1, h, probs, mean1, var1))
     attn = _layout.cast(_layout.cast(mlp.attn(), out_dtype), acc)
