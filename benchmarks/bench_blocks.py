@@ -35,8 +35,11 @@ repeat). Ops are captured in a CUDA graph over several input copies that togethe
 L2 cache, so the numbers are the kernels' and not Python's launch overhead.
 
 Order of work, so that a short budget (``--time-budget``, ``--compile-budget``) loses the least:
-every block with eager / fused / conv first, then ``torch.compile`` (the first family in
-``--blocks`` first; one compile per config, dtype and layout serves both modes), then the ops.
+the blocks go in groups, the primary models (resnest50d, res2net50_26w_4s's repeated blocks,
+skresnext50_32x4d) first, then by dtype and layout in the order asked for (bfloat16, the targets'
+dtype, first on a GPU); in each group stage by stage across the families, every block with eager /
+fused / conv, then ``torch.compile`` of the same references (one compile per config, dtype and
+layout serves both modes); the ops last, with 45 s kept for them.
 Whatever did not fit is listed under "skipped" with the reason.
 
 Outputs (see ``--out``): ``blocks-<device>.json``, ``blocks-<device>.md`` and, if matplotlib is
@@ -99,7 +102,7 @@ class Config:
     in_channels: int
     hw: int
     kwargs: dict
-    primary: bool = True  # compiled first when the compile budget is short
+    primary: bool = True  # timed and compiled first when the budget is short (see Bench.plan)
     quick: bool = False  # the one config a --quick run times
     radix: int = 0  # for the tail's minimum bytes: y is (B, radix*channels, H, W)
     channels: int = 0
@@ -353,7 +356,6 @@ class Bench:
     copy_gbs: float | None = None
     compile_seconds: float = 0.0  # spent compiling so far
     compile_last_s: float = 20.0  # the last compile's time: the estimate for the next one
-    compile_jobs: list = field(default_factory=list)  # [(family, config, dtype name, layout name)]
     out_dtypes: dict = field(default_factory=dict)  # (config, dtype name) -> (output dtype, element size)
 
     def skip(self, what, reason):
@@ -475,104 +477,121 @@ class Bench:
                 names.append(b)
         return names
 
-    def run_family(self, fam: Family, backends):
-        cls = getattr(splat, fam.fused_attr, None)
-        if cls is None:
-            self.skip(f"block {fam.name}", f"splat.{fam.fused_attr} does not exist yet")
-            return
-        configs = [c for c in fam.configs if self.want_config(c)]
-        for cfg in configs:
-            if self.budget.left() < 10:
-                self.skip(f"{fam.name} {cfg.name}", "time budget spent")
+    def plan(self, families) -> list[list]:
+        """The (family, config, dtype name, layout name) jobs, in groups timed one after another:
+        each group's blocks, then torch.compile of the same references. Groups go by the primary
+        models first, then by dtype and layout in the order asked for (bfloat16 first on a GPU: the
+        targets are stated in it); within a group stage by stage across the families, so that a
+        budget cut short leaves every family timed and compiled on the same stages."""
+        keyed = []
+        for f, fam in enumerate(families):
+            if getattr(splat, fam.fused_attr, None) is None:
+                self.skip(f"block {fam.name}", f"splat.{fam.fused_attr} does not exist yet")
                 continue
-            t0 = time.monotonic()
-            try:
-                self.run_config(fam, cls, cfg, backends)
-            except Exception as e:  # a broken block must not stop the other families
-                self.skip(f"{fam.name} {cfg.name}", f"{type(e).__name__}: {e}")
-            print(f"  {cfg.name}: {time.monotonic() - t0:.1f} s", flush=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            configs = [c for c in fam.configs if self.want_config(c)]
+            for (stage, cfg), (d, dname), (l, lname) in itertools.product(
+                    enumerate(configs), enumerate(self.args.dtypes), enumerate(self.args.layouts)):
+                keyed.append(((not cfg.primary, d, l), (stage, f), (fam, cfg, dname, lname)))
+        keyed.sort(key=lambda k: k[:2])
+        return [[job for _, _, job in group] for _, group in itertools.groupby(keyed, key=lambda k: k[0])]
 
     def want_config(self, cfg):
         if self.args.configs:
             return any(s in cfg.name for s in self.args.configs)
         return cfg.quick if self.args.quick else True
 
-    def run_config(self, fam, cls, cfg, backends):
-        B = self.args.batch
-        for dname, lname in itertools.product(self.args.dtypes, self.args.layouts):
-            dtype, layout = DTYPES[dname], LAYOUTS[lname]
-            torch.manual_seed(0)
-            ref = fam.build_ref(cfg).to(self.device).train().to(memory_format=layout)
-            x = torch.randn(B, cfg.in_channels, cfg.hw, cfg.hw, device=self.device)
-            x = x.contiguous(memory_format=layout).requires_grad_()
-            impls = {"eager": ref}
-            for b in backends:
-                try:
-                    impls[f"{fam.name}-{b}"] = cls.from_module(ref, backend=b).to(memory_format=layout)
-                except Exception as e:
-                    self.skip(f"{fam.name}-{b} {cfg.name}", f"from_module failed: {type(e).__name__}: {e}")
-            # Reference output and gradient; every other implementation must agree before it is timed.
+    def run_blocks(self, jobs, backends, reserve_s=0.0):
+        for fam, cfg, dname, lname in jobs:
+            what = f"{fam.name} {cfg.name} {dname} {lname}"
+            if self.budget.left() < 10 + reserve_s:
+                self.skip(what, "time budget spent")
+                continue
+            t0 = time.monotonic()
+            try:
+                self.run_job(fam, cfg, dname, lname, backends)
+            except Exception as e:  # a broken block must not stop the others
+                self.skip(what, f"{type(e).__name__}: {e}")
+            print(f"  {what}: {time.monotonic() - t0:.1f} s", flush=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def setup(self, fam, cfg, dname, lname):
+        """(reference, x, output gradient's values, dtype) of a job: the reference in train mode and
+        x in the job's layout, seeded, so that every run of the job sees the same."""
+        dtype, layout = DTYPES[dname], LAYOUTS[lname]
+        torch.manual_seed(0)
+        ref = fam.build_ref(cfg).to(self.device).train().to(memory_format=layout)
+        x = torch.randn(self.args.batch, cfg.in_channels, cfg.hw, cfg.hw, device=self.device)
+        x = x.contiguous(memory_format=layout).requires_grad_()
+        with autocast(self.device, dtype):
+            shape = ref(x).shape
+        return ref, x, torch.randn(shape, device=self.device), dtype
+
+    def implementations(self, fam, cfg, ref, lname, backends) -> dict:
+        """{impl: module}: eager (``ref``) and the fused module of each backend, same weights."""
+        cls = getattr(splat, fam.fused_attr)
+        impls = {"eager": ref}
+        for b in backends:
+            try:
+                impls[f"{fam.name}-{b}"] = cls.from_module(ref, backend=b).to(memory_format=LAYOUTS[lname])
+            except Exception as e:
+                self.skip(f"{fam.name}-{b} {cfg.name}", f"from_module failed: {type(e).__name__}: {e}")
+        return impls
+
+    def run_job(self, fam, cfg, dname, lname, backends):
+        ref, x, g_logical, dtype = self.setup(fam, cfg, dname, lname)
+        impls = self.implementations(fam, cfg, ref, lname, backends)
+        # Reference output and gradient; every other implementation must agree before it is timed.
+        ref_out, ref_dx, _ = self.run_once(ref, x, g_logical, dtype)
+        exact = functools.cache(functools.partial(self.exact_once, ref, x, g_logical))
+        self.out_dtypes[(cfg.name, dname)] = (ref_out.dtype, ref_out.element_size())
+        for impl, module in impls.items():
+            what = f"{impl} {cfg.name} {dname} {lname}"
+            try:
+                out, dx, grad = self.run_once(module, x, g_logical, dtype)
+                bad = None if impl == "eager" else self.check(out, dx, ref_out, ref_dx, dtype, exact)
+            except Exception as e:
+                bad = f"{type(e).__name__}: {e}"
+            if bad:
+                self.skip(what, f"NOT TIMED: {bad}")
+                continue
+            self.time_impl(fam, cfg, dname, lname, impl, module, x, grad, dtype)
+        # The convolutions alone.
+        parts = fam.conv_parts(ref, x)
+        with autocast(self.device, dtype):
+            outs = [m(inp) for m, inp in parts]
+        grads = [torch.randn_like(o) for o in outs]
+        del outs
+        leaves = [p for m, _ in parts for p in m.parameters()] + [inp for _, inp in parts if inp.requires_grad]
+        for mode in self.args.modes:
+            ms = self.timer(self.conv_step(parts, grads, mode, dtype), grad_to_none=leaves)
+            self.record(fam, cfg, dname, lname, mode, "conv", ms)
+        fused = next((m for impl, m in impls.items() if impl != "eager"), None)
+        variants = fam.conv_variants(ref, fused) if fam.conv_variants and fused is not None else {}
+        for impl, conv in variants.items():
             with autocast(self.device, dtype):
-                shape = ref(x).shape
-            g_logical = torch.randn(shape, device=self.device)
-            ref_out, ref_dx, _ = self.run_once(ref, x, g_logical, dtype)
-            exact = functools.cache(functools.partial(self.exact_once, ref, x, g_logical))
-            self.out_dtypes[(cfg.name, dname)] = (ref_out.dtype, ref_out.element_size())
-            for impl, module in impls.items():
-                what = f"{impl} {cfg.name} {dname} {lname}"
-                try:
-                    out, dx, grad = self.run_once(module, x, g_logical, dtype)
-                    bad = None if impl == "eager" else self.check(out, dx, ref_out, ref_dx, dtype, exact)
-                except Exception as e:
-                    bad = f"{type(e).__name__}: {e}"
-                if bad:
-                    self.skip(what, f"NOT TIMED: {bad}")
-                    continue
-                self.time_impl(fam, cfg, dname, lname, impl, module, x, grad, dtype)
-            # The convolutions alone.
-            parts = fam.conv_parts(ref, x)
-            with autocast(self.device, dtype):
-                outs = [m(inp) for m, inp in parts]
-            grads = [torch.randn_like(o) for o in outs]
-            del outs
-            leaves = [p for m, _ in parts for p in m.parameters()] + [inp for _, inp in parts if inp.requires_grad]
+                conv_grads = [torch.randn_like(conv(x))]
+            conv_leaves = list(ref.parameters()) + list(fused.parameters()) + [x]
             for mode in self.args.modes:
-                ms = self.timer(self.conv_step(parts, grads, mode, dtype), grad_to_none=leaves)
-                self.record(fam, cfg, dname, lname, mode, "conv", ms)
-            fused = next((m for impl, m in impls.items() if impl != "eager"), None)
-            variants = fam.conv_variants(ref, fused) if fam.conv_variants and fused is not None else {}
-            for impl, conv in variants.items():
-                with autocast(self.device, dtype):
-                    conv_grads = [torch.randn_like(conv(x))]
-                conv_leaves = list(ref.parameters()) + list(fused.parameters()) + [x]
-                for mode in self.args.modes:
-                    ms = self.timer(self.conv_step([(conv, x)], conv_grads, mode, dtype), grad_to_none=conv_leaves)
-                    self.record(fam, cfg, dname, lname, mode, impl, ms)
-            if self.want_compile(cfg):
-                self.compile_jobs.append((fam, cfg, dname, lname))
-            del impls, ref, x, parts, grads, exact
+                ms = self.timer(self.conv_step([(conv, x)], conv_grads, mode, dtype), grad_to_none=conv_leaves)
+                self.record(fam, cfg, dname, lname, mode, impl, ms)
 
     # ---- torch.compile of the reference ----
-    def want_compile(self, cfg):
-        return not self.args.no_compile and self.device.type == "cuda"
-
-    def run_compile(self, reserve_s=0.0):
+    def compile_unavailable(self) -> str | None:
+        """Why torch.compile is not timed, or None."""
         if self.args.no_compile:
-            self.skip("compile", "--no-compile")
-            return
+            return "--no-compile"
         if self.device.type != "cuda":
-            self.skip("compile", "no CUDA device: torch.compile was not timed (CPU inductor builds C++, slow)")
+            return "no CUDA device: torch.compile was not timed (CPU inductor builds C++, slow)"
+        return None
+
+    def run_compile(self, jobs, reserve_s=0.0):
+        if self.compile_unavailable():
             return
         dyn = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
             if hasattr(dyn, name):
                 setattr(dyn, name, max(getattr(dyn, name), 1024))
-        # Families in the order asked for; in each, the primary model first, then (dtype, layout)
-        # in the order asked for: when the budget runs out, the first family is the one covered.
-        jobs = sorted(self.compile_jobs, key=lambda j: (self.args.blocks.index(j[0].name), not j[1].primary,
-                                                        self.args.dtypes.index(j[2]), self.args.layouts.index(j[3])))
         for fam, cfg, dname, lname in jobs:
             what = f"compile {cfg.name} {dname} {lname}"
             est = max(self.compile_last_s, 5.0)
@@ -588,23 +607,21 @@ class Bench:
                 self.skip(what, f"{type(e).__name__}: {str(e)[:300]}")
             torch.cuda.empty_cache()
 
-    def compile_one(self, fam, cfg, dname, lname):
-        dtype, layout = DTYPES[dname], LAYOUTS[lname]
-        torch.manual_seed(0)
-        ref = fam.build_ref(cfg).to(self.device).train().to(memory_format=layout)
-        x = torch.randn(self.args.batch, cfg.in_channels, cfg.hw, cfg.hw, device=self.device)
-        x = x.contiguous(memory_format=layout).requires_grad_()
-        with autocast(self.device, dtype):
-            shape = ref(x).shape
-        g_logical = torch.randn(shape, device=self.device)
-        ref_out, ref_dx, _ = self.run_once(ref, x, g_logical, dtype)
+    def compile_ref(self, ref, x, g_logical, dtype):
+        """(compiled, out, dx, grad, seconds): torch.compile(ref) and its first forward+backward,
+        which compiles both."""
         torch._dynamo.reset()
         compiled = torch.compile(ref, dynamic=False)
         t0 = time.monotonic()
-        out, dx, grad = self.run_once(compiled, x, g_logical, dtype)  # compiles forward and backward
+        out, dx, grad = self.run_once(compiled, x, g_logical, dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        compile_s = time.monotonic() - t0
+        return compiled, out, dx, grad, time.monotonic() - t0
+
+    def compile_one(self, fam, cfg, dname, lname):
+        ref, x, g_logical, dtype = self.setup(fam, cfg, dname, lname)
+        ref_out, ref_dx, _ = self.run_once(ref, x, g_logical, dtype)
+        compiled, out, dx, grad, compile_s = self.compile_ref(ref, x, g_logical, dtype)
         self.compile_seconds += compile_s
         self.compile_last_s = compile_s
         what = f"compile {cfg.name} {dname} {lname}"
@@ -614,6 +631,34 @@ class Bench:
             return
         self.time_impl(fam, cfg, dname, lname, "compile", compiled, x, grad, dtype, compile_s=round(compile_s, 1))
         print(f"  {what}: compiled in {compile_s:.1f} s", flush=True)
+
+    # ---- compiling ahead ----
+    def prewarm(self, jobs, backends, op_backends):
+        """Run, untimed, what timing ``jobs`` compiles: a forward+backward of each implementation
+        (the Triton kernels of the fused ones), torch.compile of the reference, and each op case
+        once, so that Triton's and Inductor's on-disk caches hold them and a timed run spends its
+        budget timing. gpu_check.sh runs one such process per family beside the tests."""
+        for fam, cfg, dname, lname in jobs:
+            what = f"prewarm {fam.name} {cfg.name} {dname} {lname}"
+            if self.budget.left() < 5:
+                self.skip(what, "time budget spent")
+                continue
+            t0 = time.monotonic()
+            try:
+                ref, x, g_logical, dtype = self.setup(fam, cfg, dname, lname)
+                for module in self.implementations(fam, cfg, ref, lname, backends).values():
+                    self.run_once(module, x, g_logical, dtype)
+                if not self.compile_unavailable():
+                    self.compile_ref(ref, x, g_logical, dtype)
+                if fam.ops and not self.args.no_ops:
+                    for b in op_backends:
+                        for _, _, _, fn, inputs, *_ in self.op_cases(cfg, dname, lname, b):
+                            fn(*inputs)
+            except Exception as e:  # the timed run reports it
+                self.skip(what, f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"  {what}: {time.monotonic() - t0:.1f} s", flush=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ---- per-op bandwidth ----
     def run_ops(self, fam: Family, backends):
@@ -1036,7 +1081,7 @@ def parse_args(argv=None):
                    "nothing is written unless --out is given)")
     p.add_argument("--blocks", default="splat,res2net,sk", help="families: splat,res2net,sk")
     p.add_argument("--configs", default=None, help="comma-separated substrings of config names to keep")
-    p.add_argument("--dtypes", default=None, help="float32,bfloat16 (CPU: float32)")
+    p.add_argument("--dtypes", default=None, help="bfloat16,float32, in the order timed (CPU: float32)")
     p.add_argument("--layouts", default="nchw,channels_last", help="nchw,channels_last")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd,fwd+bwd")
     p.add_argument("--backends", default="torch,triton,cuda", help="fused backends to time")
@@ -1056,11 +1101,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on a CPU-only machine: 1, steadier on a shared machine)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--prewarm", action="store_true",
+                   help="time nothing, write nothing: run once, in the order a timed run would, what it "
+                   "compiles (Triton kernels, torch.compile), filling their on-disk caches")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.quick = args.quick or not cuda
     if args.dtypes is None:
-        args.dtypes = "float32,bfloat16" if cuda else "float32"
+        args.dtypes = "bfloat16,float32" if cuda else "float32"
     args.blocks = _split(args.blocks, FAMILIES, "--blocks")
     args.dtypes = _split(args.dtypes, DTYPES, "--dtypes")
     args.layouts = _split(args.layouts, LAYOUTS, "--layouts")
@@ -1116,19 +1164,31 @@ def main(argv=None):
         print(f"NOTE: {CPU_NOTE}")
 
     bench = Bench(args, device, Timer(device, args.warmup, args.rep), Budget(args.time_budget))
-    bench.measure_copy()
     backends = bench.fused_backends()
+    op_backends = [b for b in backends if b in args.op_backends]
+    families = [FAMILIES[b] for b in args.blocks]
+    if args.prewarm:
+        try:
+            for jobs in bench.plan(families):
+                bench.prewarm(jobs, backends, op_backends)
+        except KeyboardInterrupt:  # gpu_check.sh's timeout: what compiled is cached
+            bench.skip("the rest", "interrupted (SIGINT)")
+        print(f"prewarm: done, {len(bench.skipped)} skipped")
+        return 0
+    bench.measure_copy()
     print("fused backends timed:", backends)
 
-    families = [FAMILIES[b] for b in args.blocks]
+    op_families = [f for f in families if f.ops and not args.no_ops and getattr(splat, f.fused_attr, None) is not None]
+    reserve_s = 45.0 if op_families else 0.0  # for the ops, timed last
+    why_not = bench.compile_unavailable()
+    if why_not:
+        bench.skip("compile", why_not)
     try:
-        for fam in families:
-            print(f"== {fam.name}: blocks", flush=True)
-            bench.run_family(fam, backends)
-        print("== torch.compile of the references", flush=True)
-        op_families = [f for f in families if f.ops and not args.no_ops and getattr(splat, f.fused_attr, None) is not None]
-        bench.run_compile(reserve_s=45.0 if op_families else 0.0)
-        op_backends = [b for b in backends if b in args.op_backends]
+        for jobs in bench.plan(families):
+            _, cfg, dname, lname = jobs[0]
+            print(f"== blocks: {'primary' if cfg.primary else 'other'} models, {dname}, {lname}", flush=True)
+            bench.run_blocks(jobs, backends, reserve_s)
+            bench.run_compile(jobs, reserve_s)
         for fam in op_families:
             print(f"== {fam.name}: ops on {op_backends}", flush=True)
             bench.run_ops(fam, op_backends)

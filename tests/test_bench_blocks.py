@@ -37,6 +37,36 @@ def test_quick_run(tmp_path):
     assert (tmp_path / "blocks-cpu.md").read_text().startswith("# Block benchmark")
 
 
+def test_plan_order():
+    """The full plan: every (config, dtype, layout) once; the primary models in the first dtype and
+    layout first, stage by stage across the families; the other models last."""
+    bench = cpu_bench(["--dtypes", "bfloat16,float32"])
+    bench.args.quick = False
+    families = [bench_blocks.FAMILIES[name] for name in ("splat", "res2net", "sk")]
+    groups = bench.plan(families)
+    jobs = [(fam.name, cfg.name, dname, lname) for group in groups for fam, cfg, dname, lname in group]
+    assert len(jobs) == len(set(jobs)) == sum(len(f.configs) for f in families) * 2 * 2
+    assert len(groups) == 8
+    first = [(fam.name, cfg.name, dname, lname) for fam, cfg, dname, lname in groups[0]]
+    assert first[:3] == [("splat", "resnest50d.s1", "bfloat16", "nchw"), ("res2net", "res2net50_26w_4s.s1", "bfloat16", "nchw"),
+                         ("sk", "skresnext50_32x4d.s1", "bfloat16", "nchw")]
+    assert first[-1] == ("sk", "skresnext50_32x4d.s4", "bfloat16", "nchw")
+    assert {(d, lo) for _, _, d, lo in first} == {("bfloat16", "nchw")}
+    primary = [cfg.primary for group in groups for _, cfg, _, _ in group]
+    assert primary == sorted(primary, reverse=True)
+
+
+def test_prewarm_runs(tmp_path):
+    """--prewarm runs every job of the plan (on CPU: the torch backend, its op cases) and writes nothing."""
+    bench = cpu_bench()
+    families = list(bench_blocks.FAMILIES.values())
+    for jobs in bench.plan(families):
+        bench.prewarm(jobs, ["torch"], ["torch"])
+    assert not bench.skipped and not bench.records
+    assert bench_blocks.main(["--prewarm", "--out", str(tmp_path)]) == 0
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_op_cases_run(dtype, layout):
