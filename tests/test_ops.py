@@ -4,6 +4,8 @@ Gradients of the expected values come from autograd through the expression, neve
 ops' own backward formulas.
 """
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -295,6 +297,25 @@ def test_triton_reductions_split_hw(monkeypatch, layout, wanted):
     check_attention_sum("triton", torch.float64, layout, case)
     check_channel_stats("triton", torch.float64, layout, case)
     check_split_attention("triton", torch.float64, layout, (2, 3, 1, 2, 6, 4, 57, 55, True, False, False, True))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
+@pytest.mark.parametrize("programs", [1, 64, 132, 528, 4096])
+def test_hw_splits_plan(monkeypatch, programs):
+    """``hw_splits`` on an H100 (528 programs wanted), from a 1x1 map to one of more than 2**31
+    pixels: whole tiles a chunk, chunks that cover H*W with none empty, two tiles or more a program
+    and no more programs than wanted where it splits. The values stay right without these, so the
+    value tests cannot see them."""
+    from splat.kernels import _tiles
+
+    monkeypatch.setattr(_tiles, "programs_wanted", lambda device: 528)
+    for (h, w), block_hw in itertools.product([(1, 1), (7, 7), (57, 55), (1024, 2048), (46341, 46341)], [64, 1024]):
+        splits, chunk = _tiles.hw_splits(torch.empty(1, 1, h, w, device="meta"), programs, block_hw)
+        what = f"{h}x{w} block_hw={block_hw}"
+        assert chunk % block_hw == 0, what
+        assert (splits - 1) * chunk < h * w <= splits * chunk, what
+        if splits > 1:
+            assert chunk >= 2 * block_hw and programs * splits <= 528, what
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not available here")
