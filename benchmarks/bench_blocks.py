@@ -500,20 +500,25 @@ class Bench:
             return any(s in cfg.name for s in self.args.configs)
         return cfg.quick if self.args.quick else True
 
-    def run_blocks(self, jobs, backends, reserve_s=0.0):
+    def each_job(self, jobs, label, min_left_s, body):
+        """body(fam, cfg, dname, lname) for each job while ``min_left_s`` of the budget remain; a
+        job that raises is listed under "skipped" and does not stop the others."""
         for fam, cfg, dname, lname in jobs:
-            what = f"{fam.name} {cfg.name} {dname} {lname}"
-            if self.budget.left() < 10 + reserve_s:
+            what = f"{label}{fam.name} {cfg.name} {dname} {lname}"
+            if self.budget.left() < min_left_s:
                 self.skip(what, "time budget spent")
                 continue
             t0 = time.monotonic()
             try:
-                self.run_job(fam, cfg, dname, lname, backends)
-            except Exception as e:  # a broken block must not stop the others
-                self.skip(what, f"{type(e).__name__}: {e}")
+                body(fam, cfg, dname, lname)
+            except Exception as e:
+                self.skip(what, f"{type(e).__name__}: {str(e)[:300]}")
             print(f"  {what}: {time.monotonic() - t0:.1f} s", flush=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def run_blocks(self, jobs, backends, reserve_s=0.0):
+        self.each_job(jobs, "", 10 + reserve_s, lambda *job: self.run_job(*job, backends))
 
     def setup(self, fam, cfg, dname, lname):
         """(reference, x, output gradient's values, dtype) of a job: the reference in train mode and
@@ -638,27 +643,18 @@ class Bench:
         (the Triton kernels of the fused ones), torch.compile of the reference, and each op case
         once, so that Triton's and Inductor's on-disk caches hold them and a timed run spends its
         budget timing. gpu_check.sh runs one such process per family beside the tests."""
-        for fam, cfg, dname, lname in jobs:
-            what = f"prewarm {fam.name} {cfg.name} {dname} {lname}"
-            if self.budget.left() < 5:
-                self.skip(what, "time budget spent")
-                continue
-            t0 = time.monotonic()
-            try:
-                ref, x, g_logical, dtype = self.setup(fam, cfg, dname, lname)
-                for module in self.implementations(fam, cfg, ref, lname, backends).values():
-                    self.run_once(module, x, g_logical, dtype)
-                if not self.compile_unavailable():
-                    self.compile_ref(ref, x, g_logical, dtype)
-                if fam.ops and not self.args.no_ops:
-                    for b in op_backends:
-                        for _, _, _, fn, inputs, *_ in self.op_cases(cfg, dname, lname, b):
-                            fn(*inputs)
-            except Exception as e:  # the timed run reports it
-                self.skip(what, f"{type(e).__name__}: {str(e)[:300]}")
-            print(f"  {what}: {time.monotonic() - t0:.1f} s", flush=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        def warm(fam, cfg, dname, lname):
+            ref, x, g_logical, dtype = self.setup(fam, cfg, dname, lname)
+            for module in self.implementations(fam, cfg, ref, lname, backends).values():
+                self.run_once(module, x, g_logical, dtype)
+            if not self.compile_unavailable():
+                self.compile_ref(ref, x, g_logical, dtype)
+            if fam.ops and not self.args.no_ops:
+                for b in op_backends:
+                    for _, _, _, fn, inputs, *_ in self.op_cases(cfg, dname, lname, b):
+                        fn(*inputs)
+
+        self.each_job(jobs, "prewarm ", 5, warm)
 
     # ---- per-op bandwidth ----
     def run_ops(self, fam: Family, backends):
