@@ -28,6 +28,8 @@ BENCHMARK_DTYPES = {90: ("bfloat16",), 80: ()}
 def compiles():
     """One compile-only run per architecture, started together (they take minutes each)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The splat of this checkout, as pytest imports it, not whichever one pip installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(SCRIPT.parents[1]), env.get("PYTHONPATH"))))
     procs = {
         arch: subprocess.Popen(
             [sys.executable, str(SCRIPT), str(arch), *BENCHMARK_DTYPES[arch]],
@@ -59,5 +61,25 @@ def test_every_kernel_compiles(compiles, arch):
         assert info["max_shared"] <= SHARED_LIMIT[arch], f"{name} needs {info['max_shared']} B of shared memory"
         # Only the compiled kernels show it (the interpreter keeps Python floats in float64).
         assert not info["float_args"], f"{name} takes {info['float_args']} as float32 scalars"
-        # y * scale + shift must round twice, as in torch and the CUDA backend (_tiles.LAUNCH).
+        # y * scale + shift must round twice, as in torch and the CUDA backend (_tiles.launch).
         assert not info["fp_fusion"], f"{name} was compiled with fused multiply-add"
+
+
+def _res2net_chain_kernels() -> set[str]:
+    import splat.kernels.res2net_chain as chain
+
+    return {name for name, obj in vars(chain).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
+
+
+def test_no_spills_at_benchmark_shapes(compiles):
+    """The memory-bound kernels keep every value in registers at the shapes the benchmark times
+    (bf16, sm_90): a spilled register costs a round trip to local memory per use. Res2Net's
+    implicit-GEMM chain is left out: its tiles are for the GPU's timings to choose."""
+    stdout, stderr, returncode = compiles[90]
+    assert returncode == 0, f"sm_90 compile failed:\n{stderr[-4000:]}"
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    chain = _res2net_chain_kernels()
+    timed = {name: info["benchmark_stack"] for name, info in summary.items() if info["benchmark_stack"] is not None}
+    assert set(timed) >= _launched_kernels() - chain, "kernels the benchmark's shapes never launch"
+    spilled = {name: stack for name, stack in timed.items() if stack and name not in chain}
+    assert not spilled, f"stack frames (bytes) at the benchmark's shapes: {spilled}"

@@ -15,14 +15,20 @@ backward, including the ResNeSt-50 and Res2Net-50 stage shapes the benchmark tim
 Usage: ``python tests/triton_aot.py ARCH [DTYPE ...]`` without TRITON_INTERPRET: ARCH 80 or 90,
 the DTYPEs (``bfloat16``, ``float32``, ...) for which the benchmark shapes compile as well. Prints
 one JSON object: per kernel, the variants compiled, the most shared memory one of them needs, its
-floating-point scalar arguments and whether a variant was compiled with fused multiply-add.
+floating-point scalar arguments, whether a variant was compiled with fused multiply-add, and
+the local-memory stack frames (spilled registers) of its variants: the largest per pointer
+dtypes, and the largest among the variants the benchmark's shapes launch.
 """
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -34,9 +40,28 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # as float32, so a reciprocal count or an eps given that way costs float64 data its precision.
 FLOAT_SCALARS = ("fp16", "bf16", "fp32", "fp64")
 float_args: dict[str, set[str]] = {}
-# Kernels with a variant compiled with fused multiply-add (every launch should pass _tiles.LAUNCH).
+# Kernels with a variant compiled with fused multiply-add (every launch should pass _tiles.launch).
 fp_fusion: set[str] = set()
+# Per kernel: {pointer dtypes of a variant: bytes of its local-memory stack frame}, where not 0.
+stack_frames: dict[str, dict[str, int]] = {}
+# Per kernel: the largest stack frame of a variant launched at the benchmark's shapes.
+benchmark_stack: dict[str, int] = {}
+_stack_of: dict[int, int] = {}  # per compiled variant (id), so cuobjdump reads each cubin once
+_benchmarking = False
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+def _stack_frame(name: str, cubin: bytes) -> int:
+    """Bytes of local memory a thread of kernel ``name`` uses for its stack frame: spilled
+    registers (splat's kernels call no functions), as ``cuobjdump -res-usage`` reads the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    match = re.search(rf"Function {name}:\s*REG:\d+ STACK:(\d+)", usage)
+    assert match, f"{name}: no resource usage in\n{usage}"
+    return int(match.group(1))
 
 
 class _CompileOnlyDriver:
@@ -71,6 +96,15 @@ def _install(arch: int) -> dict:
         )
         if kernel.metadata.enable_fp_fusion:
             fp_fusion.add(self.fn.__name__)
+        if id(kernel) not in _stack_of:
+            _stack_of[id(kernel)] = _stack_frame(self.fn.__name__, kernel.asm["cubin"])
+        stack = _stack_of[id(kernel)]
+        if _benchmarking:
+            benchmark_stack[self.fn.__name__] = max(benchmark_stack.get(self.fn.__name__, 0), stack)
+        if stack:
+            dtypes = ",".join(sorted({ty[1:] for ty in kernel.src.signature.values() if ty.startswith("*")}))
+            frames = stack_frames.setdefault(self.fn.__name__, {})
+            frames[dtypes] = max(frames.get(dtypes, 0), stack)
         return kernel
 
     JITFunction.run = compile_only
@@ -197,6 +231,7 @@ def _gpu_grids(dtype, layout):
 
 
 def main(arch: int, benchmark_dtypes: tuple) -> int:
+    global _benchmarking
     compiled = _install(arch)
     for dtype in DTYPES:
         for layout in LAYOUTS:
@@ -206,10 +241,13 @@ def main(arch: int, benchmark_dtypes: tuple) -> int:
             _gpu_grids(dtype, layout)
             _blocks(dtype, layout)
             if dtype in benchmark_dtypes:
+                _benchmarking = True
                 _benchmark_shapes(dtype, layout)
+                _benchmarking = False
     summary = {
         name: {"variants": len(k), "max_shared": max(k.values()), "float_args": sorted(float_args[name]),
-               "fp_fusion": name in fp_fusion}
+               "fp_fusion": name in fp_fusion, "stack_frames": stack_frames.get(name, {}),
+               "benchmark_stack": benchmark_stack.get(name)}
         for name, k in sorted(compiled.items())
     }
     print(json.dumps(summary))

@@ -7,6 +7,7 @@ whichever axis is contiguous. Only the tile shape differs per layout.
 """
 
 import functools
+import math
 
 import torch
 import triton
@@ -14,13 +15,25 @@ import triton.language as tl
 
 from splat import _layout
 
-# ~4K elements a tile keeps 16-32 elements in flight per thread at 4 warps.
+# ~4K elements a tile: 16 elements in flight per thread (see ``launch``).
 _TILE_ELEMS = 4096
+# Elements of a tile a thread holds, at most. At 32 (4K-element tiles on 4 warps) the kernels
+# that keep several accumulator tiles, or address a tile element by element (NCHW rows that are
+# not 16-byte aligned), need all 255 registers of sm_90 and spill to local memory
+# (tests/test_triton_compile.py::test_no_spills_at_benchmark_shapes).
+_ELEMS_PER_THREAD = 16
 
-# Compile options of every splat launch. No fused multiply-add: y * scale + shift rounds after
-# the product and after the sum, as torch and the CUDA backend compute it, so that the ReLU masks
-# (pre > 0) of all backends agree where pre is within a rounding of zero.
-LAUNCH = {"enable_fp_fusion": False}
+
+def launch(*block: int) -> dict:
+    """Compile options of a launch whose programs each cover a tile of ``block`` (its dimensions).
+
+    Warps (4 to 16): enough that a thread holds at most ``_ELEMS_PER_THREAD`` elements.
+    No fused multiply-add: y * scale + shift rounds after the product and after the sum, as torch
+    and the CUDA backend compute it, so that the ReLU masks (pre > 0) of all backends agree where
+    pre is within a rounding of zero.
+    """
+    threads = math.prod(block) // _ELEMS_PER_THREAD
+    return {"enable_fp_fusion": False, "num_warps": min(16, max(4, triton.next_power_of_2(threads) // 32))}
 
 # CUDA grids hold at most 65535 programs along axes 1 and 2.
 _MAX_GRID_YZ = 65535
@@ -35,7 +48,9 @@ def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
     hw, channels = max(1, y.shape[2] * y.shape[3]), max(1, channels)
     if _layout.hw_stride(y) == 1 and y.stride(1) != 1:
         block_hw = min(triton.next_power_of_2(hw), 1024 if reduce_hw else 512)
-        block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMS // block_hw))
+        # At most 16 rows: threads lie along H*W, so on small maps each holds a share of every
+        # row's values (scale, shift, attention, sums); 64 rows at 7x7 spill registers.
+        block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMS // block_hw), 16)
     else:
         block_c = min(triton.next_power_of_2(channels), 128)
         block_hw = min(triton.next_power_of_2(hw), max(1, _TILE_ELEMS // block_c))
@@ -44,9 +59,9 @@ def tile_shape(y, channels: int, reduce_hw: bool) -> tuple[int, int]:
 
 @functools.cache
 def programs_wanted(device: torch.device) -> int:
-    """Programs a grid needs to keep ``device``'s memory busy: 4 per SM (each of 4 warps, with one
-    tile of loads in flight). The interpreter runs programs one by one: 8 there, so that CPU tests
-    take both paths of ``hw_splits``."""
+    """Programs a grid needs to keep ``device``'s memory busy: 4 per SM (each with a tile of loads
+    in flight). The interpreter runs programs one by one: 8 there, so that CPU tests take both
+    paths of ``hw_splits``."""
     if device.type != "cuda":
         return 8
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count

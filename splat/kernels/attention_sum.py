@@ -14,7 +14,7 @@ import triton.language as tl
 
 from splat import _layout
 from splat.kernels._tiles import (
-    LAUNCH, bn_relu, hw_chunk, hw_splits, hw_tile, hw_tiles, strides, tile_offsets, tile_shape,
+    bn_relu, hw_chunk, hw_splits, hw_tile, hw_tiles, launch, strides, tile_offsets, tile_shape,
 )
 
 
@@ -114,7 +114,7 @@ def attention_sum_forward(y, scale, shift, attn, radix, groups):
     programs, tiles = hw_tiles(y, block_hw)
     _attention_sum_forward_kernel[(B, triton.cdiv(C, block_c), programs)](
         y, scale, shift, attn, out, C, H * W, radix, C // groups, tiles, *strides(y), *strides(out),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
     )
     return out
 
@@ -139,7 +139,8 @@ def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_su
         _attention_sum_backward_kernel[(B, triton.cdiv(C, block_c), splits)](
             dout, y, scale, shift, attn, y if dy is None else dy, partial_scale, partial_shift, dattn,
             *sums, C, H * W, chunk, radix, C // groups, *strides(y), *strides(dout),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums,
+            **launch(block_c, block_hw),
         )
     per_row = (dattn, *sums) if mask_sums else (dattn,)
     if splits > 1:

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from splat import _layout
 from splat.kernels._tiles import (
-    LAUNCH, hw_chunk, hw_splits, hw_tile, hw_tiles, relu, strides, tile_offsets, tile_shape,
+    hw_chunk, hw_splits, hw_tile, hw_tiles, launch, relu, strides, tile_offsets, tile_shape,
 )
 
 
@@ -105,7 +105,7 @@ def bn_add_relu_forward(y, residual, scale, shift):
     # Without a residual its pointer is never read (a constexpr flag): y stands in for it.
     _bn_add_relu_forward_kernel[(B, triton.cdiv(C, block_c), programs)](
         y, y if residual is None else residual, scale, shift, out, C, H * W, tiles, *strides(y),
-        HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+        HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
     )
     return out
 
@@ -121,7 +121,7 @@ def bn_add_relu_backward_sums(dout, out, y):
     if B > 0:
         _bn_add_relu_backward_sums_kernel[(B, triton.cdiv(C, block_c), splits)](
             dout, out, y, partial_g, partial_gy, C, H * W, chunk, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     return partial_g.sum(0), partial_gy.sum(0)
 
@@ -143,6 +143,7 @@ def bn_add_relu_backward_dy(dout, out, y, scale, gamma, delta, residual_grad):
     _bn_add_relu_backward_dy_kernel[(B, triton.cdiv(C, block_c), programs)](
         dout, out, y, scale, gamma if batch_stats else scale, delta if batch_stats else scale, dy,
         dres if residual_grad else dy, C, H * W, tiles, *strides(y),
-        BATCH_STATS=batch_stats, RESIDUAL_GRAD=residual_grad, BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+        BATCH_STATS=batch_stats, RESIDUAL_GRAD=residual_grad, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        **launch(block_c, block_hw),
     )
     return dy, dres

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import LAUNCH, hw_chunk, hw_splits, hw_tile, hw_tiles, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import hw_chunk, hw_splits, hw_tile, hw_tiles, launch, strides, tile_offsets, tile_shape
 
 _MERGE_BLOCK_R = 16
 _MERGE_BLOCK_C = 64
@@ -115,11 +115,11 @@ def channel_stats_forward(y):
     if B > 0:
         _channel_stats_forward_kernel[(B, triton.cdiv(C, block_c), splits)](
             y, partial_mean, partial_m2, C, H * W, chunk, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     _channel_stats_merge_kernel[(triton.cdiv(C, _MERGE_BLOCK_C),)](
         partial_mean, partial_m2, mean, var, B * splits, splits, C, H * W, chunk, B * H * W,
-        BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=_MERGE_BLOCK_C, **LAUNCH,
+        BLOCK_R=_MERGE_BLOCK_R, BLOCK_C=_MERGE_BLOCK_C, **launch(_MERGE_BLOCK_R, _MERGE_BLOCK_C),
     )
     return mean, var
 
@@ -133,6 +133,6 @@ def channel_stats_backward(dmean, dvar, y, mean):
         programs, tiles = hw_tiles(y, block_hw)
         _channel_stats_backward_kernel[(B, triton.cdiv(C, block_c), programs)](
             dmean, dvar, y, mean, dy, C, H * W, B * H * W, tiles, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     return dy

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import LAUNCH, bn_relu, hw_chunk, hw_splits, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import bn_relu, hw_chunk, hw_splits, launch, strides, tile_offsets, tile_shape
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def radix_pool_forward(y, scale, shift, radix, groups):
     if B > 0:
         _radix_pool_forward_kernel[(B, triton.cdiv(C, block_c), splits)](
             y, scale, shift, gap, C, H * W, chunk, radix, C // groups, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     return gap if splits == 1 else gap.sum(1).to(y.dtype)
 
@@ -111,6 +111,6 @@ def radix_pool_backward(dgap, y, scale, shift, radix, groups):
         _radix_pool_backward_kernel[(B, triton.cdiv(C, block_c), splits)](
             dgap, y, scale, shift, dy, partial_scale, partial_shift,
             C, H * W, chunk, radix, C // groups, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     return dy, partial_scale.sum(0), partial_shift.sum(0)

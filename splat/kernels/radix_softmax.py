@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import LAUNCH
+from splat.kernels._tiles import launch
 
 
 @triton.jit
@@ -68,7 +68,8 @@ def _launch(kernel, B, RC, radix, cardinality, dtype, *tensors):
     block_c = min(triton.next_power_of_2(C), max(16, 2048 // block_r))
     kernel[(B, triton.cdiv(C, block_c))](
         *tensors, C, C // cardinality, radix,
-        SIGMOID=radix == 1, IS_F64=dtype.itemsize == 8, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+        SIGMOID=radix == 1, IS_F64=dtype.itemsize == 8, BLOCK_R=block_r, BLOCK_C=block_c,
+        **launch(block_r, block_c),
     )
 
 

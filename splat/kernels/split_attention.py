@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from splat import _layout
-from splat.kernels._tiles import LAUNCH, hw_tile, hw_tiles, strides, tile_offsets, tile_shape
+from splat.kernels._tiles import hw_tile, hw_tiles, launch, strides, tile_offsets, tile_shape
 from splat.kernels.attention_sum import backward_reduce
 
 _COEF_BLOCK_B = 16
@@ -129,7 +129,7 @@ def split_attention_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshif
         scale if dmean is None else dmean, scale if dvar is None else dvar, gamma, delta, dweight, dbias,
         B, C, RC, radix * cg, cg, H * W, B * H * W,
         BATCH_STATS=batch_stats, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
-        BLOCK_B=_COEF_BLOCK_B, BLOCK_C=_COEF_BLOCK_C, **LAUNCH,
+        BLOCK_B=_COEF_BLOCK_B, BLOCK_C=_COEF_BLOCK_C, **launch(_COEF_BLOCK_B, _COEF_BLOCK_C),
     )
     if B > 0:
         block_c, block_hw = tile_shape(y, RC, reduce_hw=False)
@@ -137,6 +137,6 @@ def split_attention_backward_dy(dout, y, scale, shift, attn, dgap, dscale, dshif
         _split_attention_backward_dy_kernel[(B, triton.cdiv(RC, block_c), programs)](
             dout, y, scale, shift, attn, dgap, gamma, delta, dy,
             RC, C, H * W, radix * cg, cg, tiles, *strides(y), *strides(dout),
-            BATCH_STATS=batch_stats, BLOCK_C=block_c, BLOCK_HW=block_hw, **LAUNCH,
+            BATCH_STATS=batch_stats, BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
         )
     return dy, dweight, dbias
