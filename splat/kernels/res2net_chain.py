@@ -61,11 +61,11 @@ def _offsets(b, h, w, c, sb, sc, sh, sw):
 
 @triton.jit
 def _passthrough_tile(
-    src_ptr, dst_ptr, pid_m, pid_c, M, C, H, W, Ho, Wo, stride,
+    src_ptr, dst_ptr, pid_m, pid_c, M, C, H, W, Ho, Wo, STRIDE: tl.constexpr,
     ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dst (B, C, Ho, Wo) = src (B, C, H, W), or avg_pool2d(src, 3, stride, 1) counting padding."""
+    """dst (B, C, Ho, Wo) = src (B, C, H, W), or avg_pool2d(src, 3, STRIDE, 1) counting padding."""
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     b, oh, ow = _pixels(m, Ho * Wo, Wo)
@@ -73,8 +73,8 @@ def _passthrough_tile(
     if POOL:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32 if src_ptr.dtype.element_ty != tl.float64 else tl.float64)
         for tap in range(9):
-            ih = oh * stride - 1 + tap // 3
-            iw = ow * stride - 1 + tap % 3
+            ih = oh * STRIDE - 1 + tap // 3
+            iw = ow * STRIDE - 1 + tap % 3
             ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             offs = _offsets(b, ih, iw, c, ssb, ssc, ssh, ssw)
             acc += tl.load(src_ptr + offs, mask=mask & ok[:, None], other=0.0).to(acc.dtype)
@@ -86,7 +86,7 @@ def _passthrough_tile(
 
 @triton.jit
 def _passthrough_backward_tile(
-    dsrc_ptr, ddst_ptr, pid_m, pid_c, M, C, H, W, Ho, Wo, stride,
+    dsrc_ptr, ddst_ptr, pid_m, pid_c, M, C, H, W, Ho, Wo, STRIDE: tl.constexpr,
     ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -100,9 +100,9 @@ def _passthrough_backward_tile(
         for tap in range(9):
             nh = ih + 1 - tap // 3
             nw = iw + 1 - tap % 3
-            oh = nh // stride
-            ow = nw // stride
-            ok = (nh >= 0) & (nw >= 0) & (nh % stride == 0) & (nw % stride == 0) & (oh < Ho) & (ow < Wo)
+            oh = nh // STRIDE
+            ow = nw // STRIDE
+            ok = (nh >= 0) & (nw >= 0) & (nh % STRIDE == 0) & (nw % STRIDE == 0) & (oh < Ho) & (ow < Wo)
             offs = _offsets(b, oh, ow, c, sdb, sdc, sdh, sdw)
             acc += tl.load(ddst_ptr + offs, mask=mask & ok[:, None], other=0.0).to(acc.dtype)
         v = acc / 9.0
@@ -114,7 +114,7 @@ def _passthrough_backward_tile(
 @triton.jit
 def _conv_forward_kernel(
     x_ptr, prev_ptr, w_ptr, y_ptr, out_ptr, scale_ptr, shift_ptr, pmean_ptr, pm2_ptr, last_ptr, last_out_ptr,
-    M, H, W, Ho, Wo, CIN_G, COUT_G, C_OUT, N_TILES, stride, dilation, PASS_C,
+    M, H, W, Ho, Wo, CIN_G, COUT_G, C_OUT, N_TILES, STRIDE: tl.constexpr, dilation, PASS_C,
     sxb, sxc, sxh, sxw, spb, spc, sph, spw, syb, syc, syh, syw, sob, soc, soh, sow,
     ADD: tl.constexpr, SAVE_Y: tl.constexpr, STATS: tl.constexpr, EPILOGUE: tl.constexpr,
     PASS: tl.constexpr, POOL: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -125,7 +125,7 @@ def _conv_forward_kernel(
     if PASS:
         if pid_n >= N_TILES * (C_OUT // COUT_G):
             _passthrough_tile(
-                last_ptr, last_out_ptr, pid_m, pid_n - N_TILES * (C_OUT // COUT_G), M, PASS_C, H, W, Ho, Wo, stride,
+                last_ptr, last_out_ptr, pid_m, pid_n - N_TILES * (C_OUT // COUT_G), M, PASS_C, H, W, Ho, Wo, STRIDE,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow, POOL, BLOCK_M, BLOCK_N,
             )
             return
@@ -140,8 +140,8 @@ def _conv_forward_kernel(
     acc_dtype: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     for tap in range(9):
-        ih = oh * stride - dilation + (tap // 3) * dilation
-        iw = ow * stride - dilation + (tap % 3) * dilation
+        ih = oh * STRIDE - dilation + (tap // 3) * dilation
+        iw = ow * STRIDE - dilation + (tap % 3) * dilation
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         for c0 in range(0, CIN_G, BLOCK_K):
             ci = group * CIN_G + c0 + k
@@ -175,7 +175,7 @@ def _conv_forward_kernel(
 
 @triton.jit
 def _bn_relu_kernel(
-    y_ptr, out_ptr, scale_ptr, shift_ptr, last_ptr, last_out_ptr, M, C, H, W, Ho, Wo, stride, PASS_C,
+    y_ptr, out_ptr, scale_ptr, shift_ptr, last_ptr, last_out_ptr, M, C, H, W, Ho, Wo, STRIDE: tl.constexpr, PASS_C,
     syb, syc, syh, syw, sob, soc, soh, sow, sxb, sxc, sxh, sxw,
     PASS: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -185,7 +185,7 @@ def _bn_relu_kernel(
     if PASS:
         if pid_n >= c_tiles:
             _passthrough_tile(
-                last_ptr, last_out_ptr, pid_m, pid_n - c_tiles, M, PASS_C, H, W, Ho, Wo, stride,
+                last_ptr, last_out_ptr, pid_m, pid_n - c_tiles, M, PASS_C, H, W, Ho, Wo, STRIDE,
                 sxb, sxc, sxh, sxw, sob, soc, soh, sow, POOL, BLOCK_M, BLOCK_N,
             )
             return
@@ -267,7 +267,7 @@ def _bn_backward_dy_kernel(
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, dlast_ptr, dxlast_ptr,
-    M, H, W, Ho, Wo, CIN_G, COUT_G, N_GROUPS, N_TILES, stride, dilation, PASS_C,
+    M, H, W, Ho, Wo, CIN_G, COUT_G, N_GROUPS, N_TILES, STRIDE: tl.constexpr, dilation, PASS_C,
     syb, syc, syh, syw, sxb, sxc, sxh, sxw, slb, slc, slh, slw,
     PASS: tl.constexpr, POOL: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -278,7 +278,7 @@ def _conv_dgrad_kernel(
     if PASS:
         if pid_n >= N_TILES * N_GROUPS:
             _passthrough_backward_tile(
-                dxlast_ptr, dlast_ptr, pid_m, pid_n - N_TILES * N_GROUPS, M, PASS_C, H, W, Ho, Wo, stride,
+                dxlast_ptr, dlast_ptr, pid_m, pid_n - N_TILES * N_GROUPS, M, PASS_C, H, W, Ho, Wo, STRIDE,
                 sxb, sxc, sxh, sxw, slb, slc, slh, slw, POOL, BLOCK_M, BLOCK_N,
             )
             return
@@ -294,9 +294,9 @@ def _conv_dgrad_kernel(
     for tap in range(9):
         nh = ih + dilation - (tap // 3) * dilation
         nw = iw + dilation - (tap % 3) * dilation
-        oh = nh // stride
-        ow = nw // stride
-        pix_ok = m_mask & (nh >= 0) & (nw >= 0) & (nh % stride == 0) & (nw % stride == 0) & (oh < Ho) & (ow < Wo)
+        oh = nh // STRIDE
+        ow = nw // STRIDE
+        pix_ok = m_mask & (nh >= 0) & (nw >= 0) & (nh % STRIDE == 0) & (nw % STRIDE == 0) & (oh < Ho) & (ow < Wo)
         for c0 in range(0, COUT_G, BLOCK_K):
             co = group * COUT_G + c0 + k
             a_mask = pix_ok[:, None] & (c0 + k < COUT_G)[None, :]
@@ -311,7 +311,7 @@ def _conv_dgrad_kernel(
 @triton.jit
 def _conv_wgrad_kernel(
     dy_ptr, x_ptr, prev_ptr, ws_ptr, M, H, W, Ho, Wo, CIN_G, COUT_G, C_OUT, M_TILES, PIX_PER_SPLIT,
-    stride, dilation,
+    STRIDE: tl.constexpr, dilation,
     syb, syc, syh, syw, sxb, sxc, sxh, sxw, spb, spc, sph, spw,
     ADD: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -343,8 +343,8 @@ def _conv_wgrad_kernel(
         b, oh, ow = _pixels(p, Ho * Wo, Wo)
         dy_offs = (b * syb + oh * syh + ow * syw)[None, :] + co_abs.to(tl.int64)[:, None] * syc
         a = tl.load(dy_ptr + dy_offs, mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-        ih = (oh * stride - dilation)[:, None] + (kh * dilation)[None, :]
-        iw = (ow * stride - dilation)[:, None] + (kw * dilation)[None, :]
+        ih = (oh * STRIDE - dilation)[:, None] + (kh * dilation)[None, :]
+        iw = (ow * STRIDE - dilation)[:, None] + (kw * dilation)[None, :]
         x_mask = p_mask[:, None] & n_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = b[:, None] * sxb + ih * sxh + iw * sxw
         xv = tl.load(x_ptr + pix + ci.to(tl.int64)[None, :] * sxc, mask=x_mask, other=0.0)
