@@ -15,25 +15,25 @@ import triton.language as tl
 
 from splat import _layout
 
-# ~4K elements a tile: 16 elements in flight per thread (see ``launch``).
+# ~4K elements a tile: 32 elements in flight per thread at 4 warps (see ``launch``).
 _TILE_ELEMS = 4096
-# Elements of a tile a thread holds, at most. At 32 (4K-element tiles on 4 warps) the kernels
-# that keep several accumulator tiles, or address a tile element by element (NCHW rows that are
-# not 16-byte aligned), need all 255 registers of sm_90 and spill to local memory
-# (tests/test_triton_compile.py::test_no_spills_at_benchmark_shapes).
-_ELEMS_PER_THREAD = 16
 
 
-def launch(*block: int) -> dict:
+def launch(*block: int, per_thread: int = 32) -> dict:
     """Compile options of a launch whose programs each cover a tile of ``block`` (its dimensions).
 
-    Warps (4 to 16): enough that a thread holds at most ``_ELEMS_PER_THREAD`` elements.
+    Warps (4 to 16): enough that a thread holds at most ``per_thread`` elements. 32 (4 warps on a
+    4K tile) keeps most kernels within sm_90's 255 registers with the most tiles resident per SM;
+    kernels that would spill there pass 16 (attention_sum's backward with its five accumulator
+    tiles, radix_pool's backward, Res2Net's chain, whose per-element 64-bit index math is heavy).
+    tests/test_triton_compile.py::test_no_spills_at_benchmark_shapes checks the split-attention ones.
     No fused multiply-add: y * scale + shift rounds after the product and after the sum, as torch
     and the CUDA backend compute it, so that the ReLU masks (pre > 0) of all backends agree where
     pre is within a rounding of zero.
     """
-    threads = math.prod(block) // _ELEMS_PER_THREAD
+    threads = math.prod(block) // per_thread
     return {"enable_fp_fusion": False, "num_warps": min(16, max(4, triton.next_power_of_2(threads) // 32))}
+
 
 # CUDA grids hold at most 65535 programs along axes 1 and 2.
 _MAX_GRID_YZ = 65535

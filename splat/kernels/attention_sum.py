@@ -140,7 +140,7 @@ def backward_reduce(dout, y, scale, shift, attn, radix, groups, dy=None, mask_su
             dout, y, scale, shift, attn, y if dy is None else dy, partial_scale, partial_shift, dattn,
             *sums, C, H * W, chunk, radix, C // groups, *strides(y), *strides(dout),
             BLOCK_C=block_c, BLOCK_HW=block_hw, WRITE_DY=dy is not None, MASK_SUMS=mask_sums,
-            **launch(block_c, block_hw),
+            **launch(block_c, block_hw, per_thread=16),
         )
     per_row = (dattn, *sums) if mask_sums else (dattn,)
     if splits > 1:

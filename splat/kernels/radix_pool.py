@@ -111,6 +111,6 @@ def radix_pool_backward(dgap, y, scale, shift, radix, groups):
         _radix_pool_backward_kernel[(B, triton.cdiv(C, block_c), splits)](
             dgap, y, scale, shift, dy, partial_scale, partial_shift,
             C, H * W, chunk, radix, C // groups, *strides(y),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw),
+            BLOCK_C=block_c, BLOCK_HW=block_hw, **launch(block_c, block_hw, per_thread=16),
         )
     return dy, partial_scale.sum(0), partial_shift.sum(0)

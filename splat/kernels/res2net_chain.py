@@ -447,7 +447,7 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
             *xs.stride(), *prev.stride(), *ys.stride(), *os_.stride(),
             ADD=add, SAVE_Y=batch_stats or save_y, STATS=batch_stats, EPILOGUE=not batch_stats,
             PASS=passes and not batch_stats, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            **dot, **launch(block_m, block_n),
+            **dot, **launch(block_m, block_n, per_thread=16),
         )
         if not batch_stats:
             continue
@@ -464,7 +464,7 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
         _bn_relu_kernel[grid](
             ys, os_, sc, sh, last, last_out, M, ch.stop - ch.start, H, W, Ho, Wo, stride, pass_c,
             *ys.stride(), *os_.stride(), *last.stride(),
-            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n, **launch(ew_m, ew_n),
+            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n, **launch(ew_m, ew_n, per_thread=16),
         )
     if not save_y and y.dim() == 4:
         y = x.new_empty(0)
@@ -511,7 +511,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         grid = (n_m, triton.cdiv(c, ew_n))
         _bn_backward_reduce_kernel[grid](
             *args, pdbeta, pdgamma, M, c, Ho * Wo, Wo, *strides, HAS_CARRY=has_carry, BLOCK_M=ew_m, BLOCK_N=ew_n,
-            **launch(ew_m, ew_n),
+            **launch(ew_m, ew_n, per_thread=16),
         )
         dbeta[ch] = pdbeta.sum(0)
         dgamma[ch] = pdgamma.sum(0)
@@ -519,7 +519,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _bn_backward_dy_kernel[grid](
             *args, g[ch], dbeta[ch] / M, dgamma[ch] / M, dy, M, c, Ho * Wo, Wo, *strides, *dy.stride(),
             HAS_CARRY=has_carry, BATCH_STATS=batch_stats, BLOCK_M=ew_m, BLOCK_N=ew_n,
-            **launch(ew_m, ew_n),
+            **launch(ew_m, ew_n, per_thread=16),
         )
         block_m, block_n, block_k = _gemm_blocks(x.dtype, cin_g, cin_g)
         n_tiles = triton.cdiv(cin_g, block_n)
@@ -532,7 +532,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
             dy, weight[ch], dxs, dlast, dxlast, m_in, H, W, Ho, Wo, cin_g, cin_g, n_groups, n_tiles, stride,
             dilation, pass_c, *dy.stride(), *dxs.stride(), *dlast.stride(),
             PASS=passes, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot,
-            **launch(block_m, block_n),
+            **launch(block_m, block_n, per_thread=16),
         )
         prev = out[:, ch.start - width:ch.start] if add else xs
         wm, wn, wk = _wgrad_blocks(x.dtype, cin_g)
@@ -545,7 +545,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _conv_wgrad_kernel[(m_tiles * triton.cdiv(cin_g * 9, wn), n_groups, splits)](
             dy, xs, prev, ws, M, H, W, Ho, Wo, cin_g, cin_g, c, m_tiles, pix, stride, dilation,
             *dy.stride(), *xs.stride(), *prev.stride(),
-            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot, **launch(wm, wn),
+            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot, **launch(wm, wn, per_thread=16),
         )
         dweight[ch] = ws.sum(0).to(weight.dtype)
     return dx, dweight, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
