@@ -33,6 +33,10 @@ from splat.ops.res2net_chain import output_size
 PIXELS_PER_SPLIT = 4096
 _MAX_SPLITS = 64
 
+# Elements of a tile a thread holds (see _tiles.launch): at 32, the per-element 64-bit pixel
+# arithmetic of these kernels spills registers.
+_PER_THREAD = 16
+
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -447,7 +451,7 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
             *xs.stride(), *prev.stride(), *ys.stride(), *os_.stride(),
             ADD=add, SAVE_Y=batch_stats or save_y, STATS=batch_stats, EPILOGUE=not batch_stats,
             PASS=passes and not batch_stats, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            **dot, **launch(block_m, block_n, per_thread=16),
+            **dot, **launch(block_m, block_n, per_thread=_PER_THREAD),
         )
         if not batch_stats:
             continue
@@ -464,7 +468,7 @@ def res2net_chain_forward(x, weight, gamma, beta, running_mean, running_var, eps
         _bn_relu_kernel[grid](
             ys, os_, sc, sh, last, last_out, M, ch.stop - ch.start, H, W, Ho, Wo, stride, pass_c,
             *ys.stride(), *os_.stride(), *last.stride(),
-            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n, **launch(ew_m, ew_n, per_thread=16),
+            PASS=passes, POOL=stage, BLOCK_M=ew_m, BLOCK_N=ew_n, **launch(ew_m, ew_n, per_thread=_PER_THREAD),
         )
     if not save_y and y.dim() == 4:
         y = x.new_empty(0)
@@ -511,7 +515,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         grid = (n_m, triton.cdiv(c, ew_n))
         _bn_backward_reduce_kernel[grid](
             *args, pdbeta, pdgamma, M, c, Ho * Wo, Wo, *strides, HAS_CARRY=has_carry, BLOCK_M=ew_m, BLOCK_N=ew_n,
-            **launch(ew_m, ew_n, per_thread=16),
+            **launch(ew_m, ew_n, per_thread=_PER_THREAD),
         )
         dbeta[ch] = pdbeta.sum(0)
         dgamma[ch] = pdgamma.sum(0)
@@ -519,7 +523,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _bn_backward_dy_kernel[grid](
             *args, g[ch], dbeta[ch] / M, dgamma[ch] / M, dy, M, c, Ho * Wo, Wo, *strides, *dy.stride(),
             HAS_CARRY=has_carry, BATCH_STATS=batch_stats, BLOCK_M=ew_m, BLOCK_N=ew_n,
-            **launch(ew_m, ew_n, per_thread=16),
+            **launch(ew_m, ew_n, per_thread=_PER_THREAD),
         )
         block_m, block_n, block_k = _gemm_blocks(x.dtype, cin_g, cin_g)
         n_tiles = triton.cdiv(cin_g, block_n)
@@ -532,7 +536,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
             dy, weight[ch], dxs, dlast, dxlast, m_in, H, W, Ho, Wo, cin_g, cin_g, n_groups, n_tiles, stride,
             dilation, pass_c, *dy.stride(), *dxs.stride(), *dlast.stride(),
             PASS=passes, POOL=stage, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot,
-            **launch(block_m, block_n, per_thread=16),
+            **launch(block_m, block_n, per_thread=_PER_THREAD),
         )
         prev = out[:, ch.start - width:ch.start] if add else xs
         wm, wn, wk = _wgrad_blocks(x.dtype, cin_g)
@@ -545,7 +549,7 @@ def res2net_chain_backward(dout, x, weight, gamma, out, y, mean, var, eps, scale
         _conv_wgrad_kernel[(m_tiles * triton.cdiv(cin_g * 9, wn), n_groups, splits)](
             dy, xs, prev, ws, M, H, W, Ho, Wo, cin_g, cin_g, c, m_tiles, pix, stride, dilation,
             *dy.stride(), *xs.stride(), *prev.stride(),
-            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot, **launch(wm, wn, per_thread=16),
+            ADD=add, BLOCK_M=wm, BLOCK_N=wn, BLOCK_K=wk, **dot, **launch(wm, wn, per_thread=_PER_THREAD),
         )
         dweight[ch] = ws.sum(0).to(weight.dtype)
     return dx, dweight, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
