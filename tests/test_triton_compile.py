@@ -40,15 +40,17 @@ def compiles():
     return {arch: proc.communicate() + (proc.returncode,) for arch, proc in procs.items()}
 
 
+def _kernels(module: str) -> set[str]:
+    """The ``@triton.jit`` ``*_kernel`` functions of module ``splat.kernels.<module>``."""
+    mod = importlib.import_module(f"splat.kernels.{module}")
+    return {name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
+
+
 def _launched_kernels() -> set[str]:
     """Every ``@triton.jit`` ``*_kernel`` of splat.kernels."""
     import splat.kernels
 
-    names = set()
-    for module in pkgutil.iter_modules(splat.kernels.__path__):
-        mod = importlib.import_module(f"splat.kernels.{module.name}")
-        names.update(name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "fn"))
-    return names
+    return set().union(*(_kernels(module.name) for module in pkgutil.iter_modules(splat.kernels.__path__)))
 
 
 @pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
@@ -65,12 +67,6 @@ def test_every_kernel_compiles(compiles, arch):
         assert not info["fp_fusion"], f"{name} was compiled with fused multiply-add"
 
 
-def _res2net_chain_kernels() -> set[str]:
-    import splat.kernels.res2net_chain as chain
-
-    return {name for name, obj in vars(chain).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
-
-
 def test_no_spills_at_benchmark_shapes(compiles):
     """The memory-bound kernels keep every value in registers at the shapes the benchmark times
     (bf16, sm_90): a spilled register costs a round trip to local memory per use. Res2Net's
@@ -78,7 +74,7 @@ def test_no_spills_at_benchmark_shapes(compiles):
     stdout, stderr, returncode = compiles[90]
     assert returncode == 0, f"sm_90 compile failed:\n{stderr[-4000:]}"
     summary = json.loads(stdout.strip().splitlines()[-1])
-    chain = _res2net_chain_kernels()
+    chain = _kernels("res2net_chain")
     timed = {name: info["benchmark_stack"] for name, info in summary.items() if info["benchmark_stack"] is not None}
     assert set(timed) >= _launched_kernels() - chain, "kernels the benchmark's shapes never launch"
     spilled = {name: stack for name, stack in timed.items() if stack and name not in chain}
