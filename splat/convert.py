@@ -21,8 +21,10 @@ Anything else is left alone, and so is a recognised module whose configuration t
 kernels do not cover (DropBlock, a non-ReLU activation, a GroupNorm, ...: its ``from_module``
 raises ValueError; TypeError for another kind of module with the same name and attributes) or
 that has, on itself or inside, forward or backward hooks (the fused module would silently not
-run them) or parametrized tensors (not carried over). Such a module is reported as skipped,
-with the reason.
+run them), parametrized tensors (not carried over) or tied parameters or buffers (held by two of
+its modules, or also by a module outside it: the fused module's copies would untie them). Such a
+module is reported as skipped, with the reason. A block that sits in several places of the model
+(one module, shared) becomes one fused module in all of them.
 
 What was done is returned in ``model.splat_conversion`` (a :class:`ConversionReport`) and logged
 at INFO level on the ``"splat"`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
@@ -118,6 +120,41 @@ def _check_no_hooks(block: nn.Module) -> None:
             raise ValueError(f"{where} has parametrized tensors, which convert does not carry over")
 
 
+def _tensors(module: nn.Module) -> Counter:
+    """How many paths from ``module`` reach each of its parameters and buffers (by id): a shared
+    submodule's tensors count once per place it sits."""
+    return Counter(
+        id(t) for _, m in module.named_modules(remove_duplicate=False)
+        for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    )
+
+
+@dataclass
+class _Sharing:
+    """What ``convert`` knows of the whole model's sharing while it replaces blocks one by one: the
+    paths to each module and to each tensor (by id, counted before any replacement), and each module
+    met so far, by id: (module, its replacement or None), the module kept so that its id stays its own."""
+
+    modules: Counter
+    tensors: Counter
+    done: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Sharing":
+        return cls(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)), _tensors(model))
+
+    def check_not_tied(self, block: nn.Module) -> None:
+        """ValueError if a parameter or buffer of ``block`` is held by two of its modules, or by a
+        module outside it: tied weights, which the fused module's copies would untie."""
+        places, inside = self.modules[id(block)], _tensors(block)
+        for name, t in (*block.named_parameters(), *block.named_buffers()):
+            if inside[id(t)] != 1 or self.tensors[id(t)] != places:
+                raise ValueError(
+                    f"{type(block).__name__}.{name} is tied to another parameter or buffer, inside the block or "
+                    "out, which the fused module's copies would untie"
+                )
+
+
 def _is_channels_last(module: nn.Module) -> bool:
     return any(
         p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
@@ -125,7 +162,7 @@ def _is_channels_last(module: nn.Module) -> bool:
     )
 
 
-def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionReport):
+def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionReport, sharing: _Sharing):
     """The fused replacement of ``module``, None if it is not recognised or not supported."""
     get_fused = _recognise(module)
     if get_fused is None:
@@ -133,6 +170,7 @@ def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionR
     cls_name = type(module).__name__
     try:
         _check_no_hooks(module)
+        sharing.check_not_tied(module)
         fused = get_fused().from_module(module, backend=backend)
     except (ValueError, TypeError) as err:  # TypeError: the name and attributes match, the module does not
         report.skipped.append((qualname, cls_name, str(err)))
@@ -147,14 +185,21 @@ def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionR
     return fused
 
 
-def _convert_children(parent: nn.Module, prefix: str, backend: str, report: ConversionReport) -> None:
-    for name, child in list(parent.named_children()):
-        qualname = f"{prefix}.{name}" if prefix else name
-        fused = _replace(child, qualname, backend, report)
+def _convert_children(parent: nn.Module, prefix: str, backend: str, report: ConversionReport, sharing: _Sharing) -> None:
+    # _modules, not named_children(), which yields a module held under two names only once.
+    for name, child in list(parent._modules.items()):
+        if child is None:
+            continue
+        if id(child) in sharing.done:
+            fused = sharing.done[id(child)][1]
+        else:
+            qualname = f"{prefix}.{name}" if prefix else name
+            fused = _replace(child, qualname, backend, report, sharing)
+            sharing.done[id(child)] = (child, fused)
+            if fused is None and _recognise(child) is None:  # a skipped block is left whole, inner modules included
+                _convert_children(child, qualname, backend, report, sharing)
         if fused is not None:
             setattr(parent, name, fused)
-        elif _recognise(child) is None:  # a skipped block is left whole, inner modules included
-            _convert_children(child, qualname, backend, report)
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -170,11 +215,12 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _backend.check_name(backend)
     report = ConversionReport()
-    fused = _replace(model, "", backend, report)
+    sharing = _Sharing.of(model)
+    fused = _replace(model, "", backend, report, sharing)
     if fused is not None:
         model = fused
     elif _recognise(model) is None:
-        _convert_children(model, "", backend, report)
+        _convert_children(model, "", backend, report, sharing)
     model.splat_conversion = report
     logger.info("%s", report)
     return model

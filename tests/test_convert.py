@@ -110,9 +110,15 @@ def test_trains_like_the_original():
     model = small_net().double()
     original = copy.deepcopy(model)
     convert(model, backend="torch")
+    assert_trains_alike(model, original, (4, 3, 6, 6), steps=3)
+
+
+def assert_trains_alike(model, original, shape, steps):
+    """SGD steps with momentum on ``model`` and on ``original``, inputs of ``shape``, leave the same
+    parameters."""
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, original)]
-    for _ in range(3):
-        x = rand(4, 3, 6, 6)
+    for _ in range(steps):
+        x = rand(*shape)
         for m, opt in zip((model, original), opts):
             opt.zero_grad()
             m(x).square().mean().backward()
@@ -196,6 +202,35 @@ def test_top_level_block_and_errors():
         convert("resnest50d")
     with pytest.raises(ValueError, match="backend must be one of"):
         convert(plain, backend="fastest")
+
+
+def test_shared_block_becomes_one_fused_module():
+    """One block in three places (twice in one parent, once in another) becomes one fused module in
+    all three, so its weights stay shared: SGD steps follow the unconverted model's."""
+    block = randomize_bn(SplAtConv2d(8, 8, 3, padding=1, bias=False, radix=2, norm_layer=nn.BatchNorm2d))
+    model = nn.Sequential(block, nn.ReLU(), block, nn.Sequential(block)).double()
+    original = copy.deepcopy(model)
+    convert(model, backend="torch")
+    assert dict(model.splat_conversion.converted) == {"SplAtConv2d": 1}
+    assert type(model[0]).__name__ == "FusedSplAtConv2d" and model[0] is model[2] is model[3][0]
+    assert_trains_alike(model, original, (2, 8, 5, 5), steps=2)
+
+
+def test_blocks_with_tied_weights_are_skipped():
+    """A weight tied between two blocks, between a block and a module outside, or between two
+    modules of one block would be untied by the fused copies: those blocks are left alone."""
+    model = nn.Sequential(*(SplitAttn(8, 8, norm_layer=nn.BatchNorm2d) for _ in range(5)), nn.Conv2d(8, 8, 1))
+    model[1].fc1 = model[0].fc1
+    model[-1].weight = model[2].fc2.weight
+    model[3].bn0.running_var = model[3].bn0.running_mean
+    convert(model, backend="torch")
+    assert dict(model.splat_conversion.converted) == {"SplitAttn": 1}
+    reasons = {name: why for name, _, why in model.splat_conversion.skipped}
+    assert reasons.keys() == {"0", "1", "2", "3"}
+    assert reasons["0"].startswith("SplitAttn.fc1.weight is tied to another parameter or buffer")
+    assert reasons["2"].startswith("SplitAttn.fc2.weight is tied")
+    assert reasons["3"].startswith("SplitAttn.bn0.running_mean is tied")
+    assert type(model[4]).__name__ == "FusedSplAtConv2d"
 
 
 def test_frozen_parameters_stay_frozen():
