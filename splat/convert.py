@@ -29,8 +29,9 @@ module is reported as skipped, with the reason. A block that sits in several pla
 What was done is returned in ``model.splat_conversion`` (a :class:`ConversionReport`) and logged
 at INFO level on the ``"splat"`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
 
-Convert *before* wrapping the model in DistributedDataParallel or ``torch.compile`` and before
-creating the optimizer: the fused modules hold new parameter tensors (same values, same names).
+Convert *before* wrapping the model in DistributedDataParallel, FSDP or ``torch.compile`` (a model
+that is or holds such a wrapper is refused with TypeError) and before creating the optimizer: the
+fused modules hold new parameter tensors (same values, same names).
 """
 
 from __future__ import annotations
@@ -155,6 +156,22 @@ class _Sharing:
                 )
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """TypeError if ``model`` is, or holds, a DistributedDataParallel, FSDP or torch.compile wrapper:
+    these keep the parameters (or the compiled code) of the blocks they were given, so fused blocks
+    swapped in under them would silently go without gradient synchronisation, sharding or the
+    compiled code."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel, FSDPModule, OptimizedModule)):
+            raise TypeError(
+                f"{name or 'model'} is wrapped ({type(m).__name__}): call splat.convert on the model before "
+                "wrapping it in DistributedDataParallel, FSDP or torch.compile"
+            )
+
+
 def _is_channels_last(module: nn.Module) -> bool:
     return any(
         p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
@@ -214,6 +231,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _backend.check_name(backend)
+    _check_not_wrapped(model)
     report = ConversionReport()
     sharing = _Sharing.of(model)
     fused = _replace(model, "", backend, report, sharing)

@@ -202,6 +202,8 @@ def test_top_level_block_and_errors():
         convert("resnest50d")
     with pytest.raises(ValueError, match="backend must be one of"):
         convert(plain, backend="fastest")
+    with pytest.raises(TypeError, match=r"0 is wrapped \(OptimizedModule\): call splat.convert on the model before"):
+        convert(nn.Sequential(torch.compile(block)))
 
 
 def test_shared_block_becomes_one_fused_module():
@@ -273,6 +275,7 @@ def _ddp_step(rank, world, backend):
     original = small_net().to(DEVICE, torch.float64)
     model = convert(copy.deepcopy(original), backend=backend)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    check_wrapped_models_are_refused(ddp, original)
     batches = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)).to(DEVICE)
                for r in range(world)]
     ddp(batches[rank]).square().mean().backward()
@@ -289,6 +292,19 @@ def _ddp_step(rank, world, backend):
     first = weights.clone()
     torch.distributed.broadcast(first, src=0)  # gloo broadcasts CUDA tensors too, not all_gather
     assert torch.equal(weights, first), f"rank {rank}: weights differ from rank 0's after a step"
+
+
+def check_wrapped_models_are_refused(ddp, original):
+    """convert refuses a DDP or FSDP model, or one that holds one: the wrapper would keep the old
+    parameters (FSDP's first version needs a GPU)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    wrapped = [ddp, nn.Sequential(nn.ReLU(), ddp), fully_shard(copy.deepcopy(original))]
+    if DEVICE.type == "cuda":
+        wrapped.append(FullyShardedDataParallel(copy.deepcopy(original)))
+    for model in wrapped:
+        with pytest.raises(TypeError, match="call splat.convert on the model before wrapping it"):
+            convert(model)
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
