@@ -275,7 +275,6 @@ def _ddp_step(rank, world, backend):
     original = small_net().to(DEVICE, torch.float64)
     model = convert(copy.deepcopy(original), backend=backend)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    check_wrapped_models_are_refused(ddp, original)
     batches = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)).to(DEVICE)
                for r in range(world)]
     ddp(batches[rank]).square().mean().backward()
@@ -294,25 +293,31 @@ def _ddp_step(rank, world, backend):
     assert torch.equal(weights, first), f"rank {rank}: weights differ from rank 0's after a step"
 
 
-def check_wrapped_models_are_refused(ddp, original):
-    """convert refuses a DDP or FSDP model, or one that holds one: the wrapper would keep the old
-    parameters (FSDP's first version needs a GPU)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-
-    wrapped = [ddp, nn.Sequential(nn.ReLU(), ddp), fully_shard(copy.deepcopy(original))]
-    if DEVICE.type == "cuda":
-        wrapped.append(FullyShardedDataParallel(copy.deepcopy(original)))
-    for model in wrapped:
-        with pytest.raises(TypeError, match="call splat.convert on the model before wrapping it"):
-            convert(model)
-
-
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("backend", backend_params())
 def test_distributed_data_parallel(backend, tmp_path):
     """The converted model under DistributedDataParallel: two processes over gloo (on one GPU, both
     ranks share it)."""
     torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), backend), nprocs=2)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_wrapped_models_are_refused(tmp_path):
+    """convert refuses a DDP or FSDP model, or one that holds one (in a process group of one): the
+    wrapper would keep the old parameters. FSDP's first version needs a GPU."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(small_net().to(DEVICE))
+        wrapped = [ddp, nn.Sequential(nn.ReLU(), ddp), fully_shard(small_net().to(DEVICE))]
+        if DEVICE.type == "cuda":
+            wrapped.append(FullyShardedDataParallel(small_net().to(DEVICE)))
+        for model in wrapped:
+            with pytest.raises(TypeError, match="call splat.convert on the model before wrapping it"):
+                convert(model)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.gpu
