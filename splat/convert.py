@@ -202,7 +202,9 @@ def _replace(module: nn.Module, qualname: str, backend: str, report: ConversionR
     return fused
 
 
-def _convert_children(parent: nn.Module, prefix: str, backend: str, report: ConversionReport, sharing: _Sharing) -> None:
+def _convert_children(
+    parent: nn.Module, prefix: str, backend: str, report: ConversionReport, sharing: _Sharing
+) -> None:
     # _modules, not named_children(), which yields a module held under two names only once.
     for name, child in list(parent._modules.items()):
         if child is None:
