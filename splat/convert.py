@@ -121,20 +121,12 @@ def _check_no_hooks(block: nn.Module) -> None:
             raise ValueError(f"{where} has parametrized tensors, which convert does not carry over")
 
 
-def _tensors(module: nn.Module) -> Counter:
-    """How many paths from ``module`` reach each of its parameters and buffers (by id): a shared
-    submodule's tensors count once per place it sits."""
-    return Counter(
-        id(t) for _, m in module.named_modules(remove_duplicate=False)
-        for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
-    )
-
-
 @dataclass
 class _Sharing:
     """What ``convert`` knows of the whole model's sharing while it replaces blocks one by one: the
-    paths to each module and to each tensor (by id, counted before any replacement), and each module
-    met so far, by id: (module, its replacement or None), the module kept so that its id stays its own."""
+    paths to each module and to each parameter and buffer (by id, counted before any replacement:
+    a shared module's tensors count once per place it sits), and each module met so far, by id:
+    (module, its replacement or None), the module kept so that its id stays its own."""
 
     modules: Counter
     tensors: Counter
@@ -142,14 +134,17 @@ class _Sharing:
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Sharing":
-        return cls(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)), _tensors(model))
+        tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+        return cls(Counter(id(m) for _, m in model.named_modules(remove_duplicate=False)),
+                   Counter(id(t) for _, t in tensors))
 
     def check_not_tied(self, block: nn.Module) -> None:
         """ValueError if a parameter or buffer of ``block`` is held by two of its modules, or by a
-        module outside it: tied weights, which the fused module's copies would untie."""
-        places, inside = self.modules[id(block)], _tensors(block)
+        module outside it: tied weights, which the fused module's copies would untie. Untied, each
+        is reached by exactly one path per place the block sits."""
+        places = self.modules[id(block)]
         for name, t in (*block.named_parameters(), *block.named_buffers()):
-            if inside[id(t)] != 1 or self.tensors[id(t)] != places:
+            if self.tensors[id(t)] != places:
                 raise ValueError(
                     f"{type(block).__name__}.{name} is tied to another parameter or buffer, inside the block or "
                     "out, which the fused module's copies would untie"
