@@ -510,6 +510,22 @@ def test_empty_batch(backend, layout, hw):
     torch.testing.assert_close(dbias, dshift)
 
 
+@pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom:UserWarning")  # torch's, over no channels
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_no_channels(backend, layout):
+    """Tensors of zero channels (a grid of no channel blocks): empty results, forward and backward."""
+    y = rand(2, 0, 3, 3, layout=layout, requires_grad=True)
+    scale, shift, attn = rand(0, requires_grad=True), rand(0, requires_grad=True), rand(2, 0, requires_grad=True)
+    outs = [
+        ops.radix_pool(y, scale, shift, 2, backend), ops.attention_sum(y, scale, shift, attn, 2, backend),
+        ops.radix_softmax(attn, 2, 1, backend), ops.radix_softmax(attn, 1, 1, backend), *ops.channel_stats(y, backend),
+    ]
+    assert [tuple(t.shape) for t in outs] == [(2, 0), (2, 0, 3, 3), (2, 0), (2, 0), (0,), (0,)]
+    sum(t.sum() for t in outs).backward()
+    assert y.grad.shape == y.shape and scale.grad.shape == shift.grad.shape == (0,) and attn.grad.shape == (2, 0)
+
+
 def test_bad_input():
     y = rand(2, 8, 3, 3)
     scale, shift = bn_vectors(8, torch.float64)

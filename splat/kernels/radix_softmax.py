@@ -76,7 +76,7 @@ def _launch(kernel, B, RC, radix, cardinality, dtype, *tensors):
 def radix_softmax_forward(logits, radix, cardinality):
     """logits (B, R*C) cardinal-major -> attention weights (B, R*C) radix-major, same dtype."""
     attn = _layout.empty(logits.shape, logits)
-    if logits.shape[0] > 0:
+    if logits.numel() > 0:
         _launch(_radix_softmax_forward_kernel, *logits.shape, radix, cardinality, logits.dtype, logits, attn)
     return attn
 
@@ -84,6 +84,6 @@ def radix_softmax_forward(logits, radix, cardinality):
 def radix_softmax_backward(dattn, attn, radix, cardinality):
     """dattn, attn (B, R*C) radix-major -> dlogits (B, R*C) cardinal-major, attn's dtype."""
     dlogits = _layout.empty(attn.shape, attn)
-    if attn.shape[0] > 0:
+    if attn.numel() > 0:
         _launch(_radix_softmax_backward_kernel, *attn.shape, radix, cardinality, attn.dtype, dattn, attn, dlogits)
     return dlogits
