@@ -125,8 +125,8 @@ def _check_no_hooks(block: nn.Module) -> None:
 class _Sharing:
     """What ``convert`` knows of the whole model's sharing while it replaces blocks one by one: the
     paths to each module and to each parameter and buffer (by id, counted before any replacement:
-    a shared module's tensors count once per place it sits), and each module met so far, by id:
-    (module, its replacement or None), the module kept so that its id stays its own."""
+    a shared module's tensors count once per place it sits), and each module met so far, with its
+    replacement or None."""
 
     modules: Counter
     tensors: Counter
@@ -204,12 +204,11 @@ def _convert_children(
     for name, child in list(parent._modules.items()):
         if child is None:
             continue
-        if id(child) in sharing.done:
-            fused = sharing.done[id(child)][1]
+        if child in sharing.done:
+            fused = sharing.done[child]
         else:
             qualname = f"{prefix}.{name}" if prefix else name
-            fused = _replace(child, qualname, backend, report, sharing)
-            sharing.done[id(child)] = (child, fused)
+            fused = sharing.done[child] = _replace(child, qualname, backend, report, sharing)
             if fused is None and _recognise(child) is None:  # a skipped block is left whole, inner modules included
                 _convert_children(child, qualname, backend, report, sharing)
         if fused is not None:
