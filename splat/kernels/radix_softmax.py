@@ -63,6 +63,8 @@ def _radix_softmax_backward_kernel(
 
 
 def _launch(kernel, B, RC, radix, cardinality, dtype, *tensors):
+    if B * RC == 0:  # no programs to run, and a block of next_power_of_2(0) = 0 channels
+        return
     C = RC // radix
     block_r = triton.next_power_of_2(radix)
     block_c = min(triton.next_power_of_2(C), max(16, 2048 // block_r))
@@ -76,14 +78,12 @@ def _launch(kernel, B, RC, radix, cardinality, dtype, *tensors):
 def radix_softmax_forward(logits, radix, cardinality):
     """logits (B, R*C) cardinal-major -> attention weights (B, R*C) radix-major, same dtype."""
     attn = _layout.empty(logits.shape, logits)
-    if logits.numel() > 0:
-        _launch(_radix_softmax_forward_kernel, *logits.shape, radix, cardinality, logits.dtype, logits, attn)
+    _launch(_radix_softmax_forward_kernel, *logits.shape, radix, cardinality, logits.dtype, logits, attn)
     return attn
 
 
 def radix_softmax_backward(dattn, attn, radix, cardinality):
     """dattn, attn (B, R*C) radix-major -> dlogits (B, R*C) cardinal-major, attn's dtype."""
     dlogits = _layout.empty(attn.shape, attn)
-    if attn.numel() > 0:
-        _launch(_radix_softmax_backward_kernel, *attn.shape, radix, cardinality, attn.dtype, dattn, attn, dlogits)
+    _launch(_radix_softmax_backward_kernel, *attn.shape, radix, cardinality, attn.dtype, dattn, attn, dlogits)
     return dlogits
