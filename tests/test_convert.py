@@ -13,7 +13,7 @@ from tests.helpers import (
     CUDA_GRAPH_WARMUP, DEVICE, LAYOUTS, as_subclass, backend_params, cuda_graph_step, rand, randomize_bn,
 )
 from tests.reference import res2net as ref_res2net
-from tests.reference.norms import freeze
+from tests.reference.norms import freeze, naive_sync
 from tests.reference.sk import SelectiveKernel, SKConv
 from tests.reference.splat import SplAtConv2d, SplitAttentionConv2d, SplitAttn
 
@@ -67,7 +67,8 @@ def run(model, x, grad=None):
     return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-NORMS = {"bn": lambda m: m, "frozen-bn": freeze, "sync-bn": nn.SyncBatchNorm.convert_sync_batchnorm}
+NORMS = {"bn": lambda m: m, "frozen-bn": freeze, "sync-bn": nn.SyncBatchNorm.convert_sync_batchnorm,
+         "naive-sync-bn": naive_sync}
 
 
 @pytest.mark.parametrize("norms", list(NORMS))
@@ -75,7 +76,8 @@ NORMS = {"bn": lambda m: m, "frozen-bn": freeze, "sync-bn": nn.SyncBatchNorm.con
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_small_net_matches_unconverted(layout, train, norms):
     """Every block converted, also with every BatchNorm2d frozen (a detection backbone) or
-    synchronised (multi-process training; here one process, where it is a BatchNorm2d)."""
+    synchronised (torch's SyncBatchNorm or detectron2's NaiveSyncBatchNorm, for multi-process
+    training; here one process, where each is a BatchNorm2d)."""
     model = NORMS[norms](small_net()).to(DEVICE, torch.float64).train(train)
     if layout == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -259,31 +261,45 @@ def test_compile_fullgraph_after_convert():
     torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
 
 
-def _ddp_rank(rank, world, init_file, backend):
+def _ddp_rank(rank, world, init_file, backend, norms):
     """One rank of test_distributed_data_parallel."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    _ddp_step(rank, world, backend)  # a failure ends this process, and spawn stops the others
+    _ddp_step(rank, world, backend, norms)  # a failure ends this process, and spawn stops the others
     # Every rank done, and its DDP objects freed, before the group goes: else a rank can hang.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def _ddp_step(rank, world, backend):
-    """On DEVICE, each rank its own batch: the DDP gradients must be the mean over ranks of the
-    unconverted model's, and an SGD step must leave the ranks equal."""
+def _ddp_step(rank, world, backend, norms):
+    """On DEVICE, each rank its own batch: the DDP gradients must be those of the unconverted model
+    (with BatchNorm2d, the mean over ranks of each rank's own; with NaiveSyncBatchNorm, whose
+    statistics span the ranks, those of the unconverted model under DDP, as are the outputs and
+    running statistics), and an SGD step must leave the ranks equal."""
     torch.manual_seed(0)  # the same initial model on every rank
-    original = small_net().to(DEVICE, torch.float64)
+    original = NORMS[norms](small_net()).to(DEVICE, torch.float64)
     model = convert(copy.deepcopy(original), backend=backend)
+    assert dict(model.splat_conversion.converted) == EXPECTED
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batches = [torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)).to(DEVICE)
                for r in range(world)]
-    ddp(batches[rank]).square().mean().backward()
-    expected = {name: torch.zeros_like(p) for name, p in original.named_parameters()}
-    for batch in batches:
-        local = copy.deepcopy(original)  # each rank's BNs see only that rank's batch
-        local(batch).square().mean().backward()
-        for name, p in local.named_parameters():
-            expected[name] += p.grad / world
+    out = ddp(batches[rank])
+    out.square().mean().backward()
+    if norms == "bn":
+        expected = {name: torch.zeros_like(p) for name, p in original.named_parameters()}
+        for batch in batches:
+            local = copy.deepcopy(original)  # each rank's BNs see only that rank's batch
+            local(batch).square().mean().backward()
+            for name, p in local.named_parameters():
+                expected[name] += p.grad / world
+    else:
+        reference = torch.nn.parallel.DistributedDataParallel(original)
+        exp_out = reference(batches[rank])
+        exp_out.square().mean().backward()
+        torch.testing.assert_close(out, exp_out, rtol=1e-9, atol=1e-12, msg=f"rank {rank}: output")
+        expected = {name: p.grad for name, p in original.named_parameters()}
+        exp_buffers = dict(original.named_buffers())
+        for name, b in model.named_buffers():
+            torch.testing.assert_close(b, exp_buffers[name], rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {name}")
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {name}")
     torch.optim.SGD(model.parameters(), lr=0.1).step()
@@ -294,11 +310,13 @@ def _ddp_step(rank, world, backend):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("norms", ["bn", "naive-sync-bn"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_distributed_data_parallel(backend, tmp_path):
+def test_distributed_data_parallel(backend, norms, tmp_path):
     """The converted model under DistributedDataParallel: two processes over gloo (on one GPU, both
-    ranks share it)."""
-    torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), backend), nprocs=2)
+    ranks share it). With NaiveSyncBatchNorm the blocks run their norms as modules, which
+    synchronise the statistics over the ranks, a path one process never takes."""
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), backend, norms), nprocs=2)
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")

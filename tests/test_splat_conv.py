@@ -201,8 +201,8 @@ def test_bn0_swapped_after_construction_is_refused():
     """A norm swapped in after construction is checked at the forward: the kernels would fold it as a BN."""
     fused = splat.FusedSplAtConv2d(16, 8, 3, norm_layer=BN).to(DEVICE)
     fused.bn0 = nn.GroupNorm(2, 16).to(DEVICE)
-    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d can "
-                                         "be fused, got GroupNorm"):
+    with pytest.raises(ValueError, match="bn0: only torch.nn.BatchNorm2d, SyncBatchNorm, NaiveSyncBatchNorm or a "
+                                         "FrozenBatchNorm2d can be fused, got GroupNorm"):
         fused(rand(2, 16, 5, 5, dtype=torch.float32))
 
 

@@ -22,19 +22,28 @@ def is_frozen_batchnorm(norm: nn.Module) -> bool:
     )
 
 
+def is_naive_sync_batchnorm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is detectron2's NaiveSyncBatchNorm, recognised by class name wherever it was
+    defined: a BatchNorm2d subclass that, training in a default process group of more than one,
+    averages its statistics over the processes with arithmetic of its own, and is otherwise a
+    BatchNorm2d."""
+    return type(norm).__name__ == "NaiveSyncBatchNorm" and isinstance(norm, nn.BatchNorm2d)
+
+
 def is_fusable_batchnorm(norm: nn.Module) -> bool:
-    """Whether the fused blocks take ``norm``: BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d
-    (not subclasses that add layers). The kernels fold it, except a SyncBatchNorm while it
-    ``synchronises``."""
-    return type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_batchnorm(norm)
+    """Whether the fused blocks take ``norm``: BatchNorm2d, SyncBatchNorm, detectron2's
+    NaiveSyncBatchNorm or a FrozenBatchNorm2d (not subclasses that add layers). The kernels fold
+    it, except a synchronised norm while it ``synchronises``."""
+    plain = type(norm) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+    return plain or is_naive_sync_batchnorm(norm) or is_frozen_batchnorm(norm)
 
 
 def check_batchnorm(norm: nn.Module, name: str) -> nn.Module:
     """``norm`` if the fused blocks take it (see ``is_fusable_batchnorm``), else ValueError naming it."""
     if not is_fusable_batchnorm(norm):
         raise ValueError(
-            f"{name}: only torch.nn.BatchNorm2d, SyncBatchNorm or a FrozenBatchNorm2d can be fused, "
-            f"got {type(norm).__name__}"
+            f"{name}: only torch.nn.BatchNorm2d, SyncBatchNorm, NaiveSyncBatchNorm or a FrozenBatchNorm2d can be "
+            f"fused, got {type(norm).__name__}"
         )
     return norm
 
@@ -51,14 +60,15 @@ def check_norm_names(m: nn.Module, indices: tuple[int, ...], name: str) -> None:
 
 
 def synchronises(norm: nn.Module) -> bool:
-    """Whether ``norm`` is a SyncBatchNorm that, called now, would reduce its batch statistics over
-    a process group of more than one (training under torch.distributed). The blocks then run it as
-    the module it is, and the kernels see its output; otherwise it is a BatchNorm2d and is folded."""
-    if type(norm) is not nn.SyncBatchNorm or not norm.training:
+    """Whether ``norm`` is a SyncBatchNorm (its process group) or a NaiveSyncBatchNorm (the default
+    group) that, called now, would reduce its batch statistics over a process group of more than one
+    (training under torch.distributed). The blocks then run it as the module it is, and the kernels
+    see its output; otherwise it is a BatchNorm2d and is folded."""
+    if not norm.training or not (type(norm) is nn.SyncBatchNorm or is_naive_sync_batchnorm(norm)):
         return False
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    return torch.distributed.get_world_size(norm.process_group or torch.distributed.group.WORLD) > 1
+    return torch.distributed.get_world_size(getattr(norm, "process_group", None) or torch.distributed.group.WORLD) > 1
 
 
 def is_folded(norm: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """Reference norms of the detection and timm worlds: FrozenBatchNorm2d (torchvision's layout and
-arithmetic), timm's BatchNormAct2d / SyncBatchNormAct / FrozenBatchNormAct2d (the activation
-inside the norm), and
-``freeze``, which does what timm's ``freeze_batch_norm_2d`` does to a model."""
+arithmetic), detectron2's NaiveSyncBatchNorm, timm's BatchNormAct2d / SyncBatchNormAct /
+FrozenBatchNormAct2d (the activation inside the norm), and
+``freeze``, which does what timm's ``freeze_batch_norm_2d`` does to a model, and ``naive_sync``."""
 
 import copy
 
@@ -25,6 +25,43 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
         bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
         return x * scale + bias
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) whose gradient is the sum of the processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class NaiveSyncBatchNorm(nn.BatchNorm2d):
+    """detectron2's NaiveSyncBatchNorm: training in a process group of more than one (the default
+    group), the batch mean and mean of squares are averaged over the processes (each process's batch
+    weighs the same), normalisation uses the biased variance E[x^2] - E[x]^2, and so does
+    running_var's update (num_batches_tracked stays); otherwise it is a BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        world = torch.distributed.get_world_size()
+        stats = _SumOverProcesses.apply(torch.cat([x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))])) / world
+        mean, mean_sq = stats.split(x.shape[1])
+        var = mean_sq - mean * mean
+        scale = self.weight * (var + self.eps).rsqrt()
+        shift = self.bias - mean * scale
+        with torch.no_grad():
+            self.running_mean += self.momentum * (mean - self.running_mean)
+            self.running_var += self.momentum * (var - self.running_var)
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -82,4 +119,17 @@ def freeze(module: nn.Module) -> nn.Module:
             setattr(module, name, _frozen_copy(child))
         else:
             freeze(child)
+    return module
+
+
+def naive_sync(module: nn.Module) -> nn.Module:
+    """``module`` with every nn.BatchNorm2d inside (exactly that class) replaced, in place, by a
+    NaiveSyncBatchNorm with its state, as detectron2 builds a backbone with norm "naiveSyncBN"."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = NaiveSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync.to(child.running_mean.device, child.running_mean.dtype).train(child.training))
+        else:
+            naive_sync(child)
     return module
