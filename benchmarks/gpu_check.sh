@@ -79,8 +79,9 @@ for name in ("pytest_benchmark", "matplotlib", "timm", "hypothesis"):
     except ImportError:
         print(name, "not installed")
 EOF
-    nvcc --version 2>&1 | tail -2 || echo "nvcc not found"
-    compute-sanitizer --version 2>&1 | head -2 || echo "compute-sanitizer not found"
+    for TOOL in nvcc compute-sanitizer ninja; do
+        command -v "$TOOL" >/dev/null && "$TOOL" --version 2>&1 | tail -n 2 || echo "$TOOL not found"
+    done
 } >>"$CHECK_LOG" 2>&1
 tail -n 25 "$CHECK_LOG"
 
