@@ -261,6 +261,31 @@ def test_compile_fullgraph_after_convert():
     torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
 
 
+# TorchScript is deprecated from torch 2.13 on, but users of torch 2.11 and 2.12 may still serve
+# with it. splat's shape checks warn that a trace takes their outcome as a constant.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit.*", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", backend_params())
+def test_export_and_trace_for_inference(backend, tmp_path):
+    """A converted model, in eval mode, through torch.export and torch.jit.trace (under no_grad, as
+    for inference): both record splat's ops, survive a save and a load, and compute what the
+    unconverted model does, on a batch of another size than the traced one."""
+    model = small_net().to(DEVICE, torch.float64).eval()
+    original = copy.deepcopy(model)
+    convert(model, backend=backend)
+    x, other = rand(2, 3, 8, 8), rand(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = original(other)
+        exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(exported, tmp_path / "model.pt2")
+        traced = torch.jit.trace(model, (x,))  # checks that a second trace records the same graph
+        torch.jit.save(traced, tmp_path / "model.ts")
+        ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert {"splat.split_attention.default", "splat.res2net_chain.default"} <= ops, ops
+        assert "splat::split_attention" in str(traced.inlined_graph)
+        for loaded in (torch.export.load(tmp_path / "model.pt2").module(), torch.jit.load(tmp_path / "model.ts")):
+            torch.testing.assert_close(loaded(other), expected, rtol=1e-10, atol=1e-10)
+
+
 def _ddp_rank(rank, world, init_file, backend, norms):
     """One rank of test_distributed_data_parallel."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

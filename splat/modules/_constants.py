@@ -20,13 +20,14 @@ _KEPT: dict = {}
 def constant(key: tuple[Hashable, ...], make: Callable[[], T]) -> T:
     """``make()``, kept under ``key`` (which must determine the value: shapes, dtypes, devices).
 
-    Made afresh, and not kept, while torch.compile traces (the compiled graph makes it itself), a
-    dispatch mode such as FakeTensorMode intercepts ops, or a CUDA graph is being captured (nothing
-    runs then: a kept tensor would hold garbage until a replay). Inference mode is part of the key:
-    a tensor made there cannot be saved for backward outside it.
+    Made afresh, and not kept, while torch.compile or torch.jit.trace traces (the graph makes it
+    itself), a dispatch mode such as FakeTensorMode intercepts ops, or a CUDA graph is being captured
+    (nothing runs then: a kept tensor would hold garbage until a replay). Inference mode is part of
+    the key: a tensor made there cannot be saved for backward outside it.
     """
     if (
         torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0
         or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     ):

@@ -327,12 +327,16 @@ _split_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _eager() -> bool:
-    """Nothing traces the call or intercepts the dispatcher (torch.compile, export, a
-    TorchDispatchMode such as FakeTensorMode): the ops' Python implementations may then run
+    """Nothing traces the call or intercepts the dispatcher (torch.compile, export, torch.jit.trace,
+    a TorchDispatchMode such as FakeTensorMode): the ops' Python implementations may then run
     directly. Through torch.library, each call costs the host tens of microseconds more (argument
     and alias handling, quadratic in the arguments for the forward's 19): as much as the forward's
-    own small ops."""
-    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    own small ops. A trace must record the op itself: TorchScript cannot save a Python call."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 class _EagerAutograd(torch.autograd.Function):
