@@ -261,6 +261,24 @@ def test_compile_fullgraph_after_convert():
     torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_dynamic_shapes_after_convert(train):
+    """torch.compile(dynamic=True) of the converted small net: one graph serves other batch and map
+    sizes (no recompilation, as a detector's varying image sizes need), with the unconverted
+    model's outputs and input gradients."""
+    model = small_net().double().train(train)
+    eager = copy.deepcopy(model)
+    convert(model, backend="torch")
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    for i, shape in enumerate([(2, 3, 8, 10), (3, 3, 12, 11), (4, 3, 7, 9)]):  # H != W: no duck sizing
+        x = rand(*shape)
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            out, dx, _ = run(compiled, x)
+        exp_out, exp_dx, _ = run(eager, x)
+        torch.testing.assert_close(out, exp_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, exp_dx, rtol=1e-10, atol=1e-10)
+
+
 # TorchScript is deprecated from torch 2.13 on, but users of torch 2.11 and 2.12 may still serve
 # with it. splat's shape checks warn that a trace takes their outcome as a constant.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit.*", "ignore::torch.jit.TracerWarning")
